@@ -1,0 +1,382 @@
+"""Flickr8k: photos with five captions each, read from any of the layouts found in the wild.
+
+Layouts (``layout="auto"`` picks the first present, in this order):
+- ``karpathy``: ``dataset_flickr8k.json`` (Karpathy's splits; "val" is our "dev")
+- ``original``: ``Flickr8k.token.txt`` (``NAME.jpg#K<TAB>caption``) + ``Flickr_8k.{train,dev,test}Images.txt``
+- ``kaggle``:   ``captions.txt`` (CSV ``image,caption``), split by the original split files when
+  present, else by a stable hash of the file name (75/12.5/12.5).
+
+The data root is, in order: the ``root`` argument, ``$VLMCOURSE_DATA``,
+``../shared/flickr8k-subset`` and ``./data/flickr8k`` (beside the project, then
+beside the working directory). On the hub profile, ``Flickr8k.from_hub`` reads
+the full set with ``datasets``.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+DATA_ENV = "VLMCOURSE_DATA"
+SPLITS = ("train", "dev", "test")
+SPLIT_ALIASES = {"val": "dev", "validation": "dev", "restval": "train"}
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ROOTS = ("../shared/flickr8k-subset", "data/flickr8k")
+CAPTION_FILES = {"karpathy": "dataset_flickr8k.json", "original": "Flickr8k.token.txt", "kaggle": "captions.txt"}
+SPLIT_FILES = {s: f"Flickr_8k.{s}Images.txt" for s in SPLITS}
+IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "images", ".")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No Flickr8k folder where we looked."""
+
+
+class CaptionFormatError(ValueError):
+    """A caption or split file has a row we cannot read (the message names file and line)."""
+
+
+class ImageLoadError(OSError):
+    """An image file is missing, corrupt or truncated (the message names the file)."""
+
+
+# ---------------------------------------------------------------- finding the data
+
+def _is_data_root(path: Path) -> bool:
+    return any((path / name).is_file() for name in CAPTION_FILES.values())
+
+
+def find_data_root(root: str | os.PathLike | None = None) -> Path:
+    """The Flickr8k folder to use; a clear error listing every place tried when there is none."""
+    if root is not None or os.environ.get(DATA_ENV):
+        path, source = (Path(root), "the root argument") if root is not None else (Path(os.environ[DATA_ENV]), f"${DATA_ENV}")
+        if _is_data_root(path):
+            return path
+        state = "has none of " + ", ".join(CAPTION_FILES.values()) if path.is_dir() else "does not exist"
+        raise DataNotFoundError(f"Flickr8k folder {path} (from {source}) {state}. "
+                                f"Point {DATA_ENV} (or the root argument) at a folder with one of those caption files.")
+    tried = []
+    for base in dict.fromkeys([PROJECT_ROOT, Path.cwd()]):
+        for rel in DEFAULT_ROOTS:
+            path = (base / rel).resolve()
+            if _is_data_root(path):
+                return path
+            tried.append(str(path))
+    raise DataNotFoundError(
+        "no Flickr8k data found. Looked in:\n  " + "\n  ".join(dict.fromkeys(tried)) +
+        f"\nSet {DATA_ENV}=/path/to/flickr8k (a folder with captions.txt, Flickr8k.token.txt or "
+        f"dataset_flickr8k.json and the photos), or pass root=..., or use the hub profile "
+        f"(VLMCOURSE_PROFILE=hub) to download the full set.")
+
+
+# ---------------------------------------------------------------- reading annotations
+
+def _image_name(name: str) -> str:
+    name = name.strip()
+    return name if Path(name).suffix else name + ".jpg"
+
+
+def read_token_file(path: Path) -> dict[str, list[str]]:
+    """``NAME.jpg#K<TAB>caption`` lines -> {name: [captions]}."""
+    captions: dict[str, list[str]] = {}
+    pattern = re.compile(r"^(?P<name>[^#\t]+)#(?P<k>\d+)\t(?P<caption>.*\S.*)$")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            match = pattern.match(line)
+            if not match:
+                raise CaptionFormatError(f"{path}:{lineno}: expected 'NAME.jpg#K<TAB>caption', got {line[:80]!r}")
+            captions.setdefault(_image_name(match["name"]), []).append(match["caption"].strip())
+    return captions
+
+
+def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
+    """The Kaggle ``captions.txt`` (CSV with header ``image,caption``) -> {name: [captions]}."""
+    captions: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
+            raise CaptionFormatError(f"{path}:1: expected the header 'image,caption', got {header!r}")
+        for row in rows:
+            lineno = rows.line_num
+            if not row or not "".join(row).strip():
+                continue
+            # Unquoted commas inside a caption split it into more fields: join them back.
+            name, caption = (row[0], ",".join(row[1:])) if len(row) >= 2 else (row[0], "")
+            if not name.strip() or not caption.strip():
+                raise CaptionFormatError(f"{path}:{lineno}: expected 'image,caption' with both filled, got {row!r}")
+            captions.setdefault(_image_name(name), []).append(caption.strip())
+    return captions
+
+
+def read_karpathy_json(path: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Karpathy's ``dataset_flickr8k.json`` -> ({name: [captions]}, {split: [names]})."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CaptionFormatError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    captions, splits = {}, {s: [] for s in SPLITS}
+    for i, entry in enumerate(data.get("images", []) if isinstance(data, dict) else []):
+        try:
+            name = _image_name(entry["filename"])
+            sents = [s["raw"].strip() if "raw" in s else " ".join(s["tokens"]) for s in entry["sentences"]]
+            split = SPLIT_ALIASES.get(entry["split"], entry["split"])
+        except (KeyError, TypeError) as error:
+            raise CaptionFormatError(f"{path}: images[{i}] lacks {error} (needs filename, split, sentences)") from None
+        if split not in splits:
+            raise CaptionFormatError(f"{path}: images[{i}] has unknown split {entry['split']!r}")
+        captions[name] = sents
+        splits[split].append(name)
+    if not captions:
+        raise CaptionFormatError(f"{path}: no 'images' entries found")
+    return captions, splits
+
+
+def read_split_file(path: Path) -> list[str]:
+    """One image name per line (with or without .jpg)."""
+    names = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            name = line.strip()
+            if not name:
+                continue
+            if len(name.split()) != 1:
+                raise CaptionFormatError(f"{path}:{lineno}: expected one image name, got {line.strip()[:80]!r}")
+            names.append(_image_name(name))
+    return names
+
+
+def hash_split(name: str) -> str:
+    """A stable split from the file name alone (for layouts that ship no split)."""
+    bucket = int(hashlib.md5(name.encode()).hexdigest(), 16) % 8
+    return "test" if bucket == 0 else "dev" if bucket == 1 else "train"
+
+
+@dataclass
+class Flickr8kIndex:
+    """What the annotation files say: captions per image and the image names of each split."""
+
+    root: Path
+    layout: str
+    image_dir: Path
+    captions: dict[str, list[str]]
+    splits: dict[str, list[str]]
+
+
+def _find_image_dir(root: Path) -> Path:
+    for name in IMAGE_DIRS:
+        path = root / name
+        if path.is_dir() and any(path.glob("*.jpg")):
+            return path
+    return root / "Images"
+
+
+def read_annotations(root: str | os.PathLike | None = None, layout: str = "auto") -> Flickr8kIndex:
+    root = find_data_root(root)
+    if layout == "auto":
+        layout = next((k for k, f in CAPTION_FILES.items() if (root / f).is_file()), "kaggle")
+    if layout not in CAPTION_FILES:
+        raise ValueError(f"unknown layout {layout!r}: choose one of {['auto', *CAPTION_FILES]}")
+    path = root / CAPTION_FILES[layout]
+    if not path.is_file():
+        raise DataNotFoundError(f"layout {layout!r} needs {path}, which does not exist")
+    if layout == "karpathy":
+        captions, splits = read_karpathy_json(path)
+    else:
+        captions = read_token_file(path) if layout == "original" else read_kaggle_captions(path)
+        if all((root / f).is_file() for f in SPLIT_FILES.values()):
+            splits = {s: read_split_file(root / f) for s, f in SPLIT_FILES.items()}
+        elif layout == "original":
+            missing = [f for f in SPLIT_FILES.values() if not (root / f).is_file()]
+            raise DataNotFoundError(f"the original layout needs the split files {missing} in {root}")
+        else:
+            splits = {s: [] for s in SPLITS}
+            for name in sorted(captions):
+                splits[hash_split(name)].append(name)
+    return Flickr8kIndex(root, layout, _find_image_dir(root), captions, splits)
+
+
+# ---------------------------------------------------------------- images
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as RGB: grayscale, CMYK and palette converted, transparency laid on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I", "F"):   # 16-bit / float grayscale: rescale to 8 bits
+        image = image.point(lambda v: v * (255.0 / max(1.0, image.getextrema()[1])), "F").convert("L")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image as RGB; ImageLoadError (naming the file) if it can't be read."""
+    try:
+        with Image.open(path) as image:
+            image.load()    # decode now: a truncated file fails here, not mid-batch
+            return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"cannot read image {path}: {error}") from None
+
+
+# ---------------------------------------------------------------- the dataset
+
+class Flickr8k(Dataset):
+    """One split of Flickr8k: ``ds[i]`` is ``{"pixel_values", "captions", "image_id"}``.
+
+    Images named by a caption file but missing on disk are left out with a
+    warning. An image that turns out corrupt when read is skipped (``ds[i]`` is
+    ``None``, which ``collate`` drops) with a warning, and counted in ``ds.skipped``.
+    """
+
+    def __init__(self, split: str = "train", root: str | os.PathLike | None = None, transform=None,
+                 layout: str = "auto", max_images: int | None = None):
+        split = SPLIT_ALIASES.get(split, split)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
+        index = read_annotations(root, layout)
+        self.split, self.root, self.layout, self.image_dir = split, index.root, index.layout, index.image_dir
+        names = index.splits[split]
+        if not names:
+            raise ValueError(f"split {split!r} of {index.root} ({index.layout} layout) has no images")
+        no_caption = [n for n in names if n not in index.captions]
+        missing = [n for n in names if n in index.captions and not (self.image_dir / n).is_file()]
+        for problem, bad in (("have no captions", no_caption), (f"are not in {self.image_dir}", missing)):
+            if bad:
+                warnings.warn(f"Flickr8k {split}: {len(bad)} of {len(names)} images {problem}; "
+                              f"left out (first: {', '.join(bad[:3])})", stacklevel=2)
+        names = [n for n in names if n in index.captions and n not in set(missing)]
+        if not names:
+            raise ValueError(f"split {split!r} of {index.root}: none of its images could be found in {self.image_dir}")
+        self.image_ids = names[:max_images] if max_images else names
+        self.captions = [index.captions[n] for n in self.image_ids]
+        self.transform = transform or _default_transform()
+        self.skipped: list[str] = []
+
+    @classmethod
+    def from_hub(cls, split: str = "train", dataset_id: str = "jxie/flickr8k", transform=None,
+                 max_images: int | None = None) -> "HubFlickr8k":
+        return HubFlickr8k(split, dataset_id, transform, max_images)
+
+    @property
+    def image_paths(self) -> list[Path]:
+        return [self.image_dir / n for n in self.image_ids]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def load_image(self, i: int) -> Image.Image:
+        return load_image(self.image_dir / self.image_ids[i])
+
+    def __getitem__(self, i: int):
+        try:
+            image = self.load_image(i)
+        except ImageLoadError as error:
+            self.skipped.append(self.image_ids[i])
+            warnings.warn(f"{error}; skipped ({len(self.skipped)} skipped so far)", stacklevel=2)
+            return None
+        return {"pixel_values": self.transform(image), "captions": self.captions[i], "image_id": self.image_ids[i]}
+
+    def verify(self) -> list[str]:
+        """Decode every image once (with a progress bar); the ids of those that fail."""
+        from tqdm.auto import tqdm
+
+        bad = []
+        for i in tqdm(range(len(self)), desc=f"checking {self.split} images"):
+            try:
+                self.load_image(i)
+            except ImageLoadError:
+                bad.append(self.image_ids[i])
+        return bad
+
+    def to_hf_dataset(self):
+        """This split as a ``datasets.Dataset`` (columns image, captions, image_id)."""
+        import datasets
+
+        features = datasets.Features({"image": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string")),
+                                      "image_id": datasets.Value("string")})
+        return datasets.Dataset.from_dict({"image": [str(p) for p in self.image_paths], "captions": self.captions,
+                                           "image_id": self.image_ids}, features=features)
+
+    def __repr__(self):
+        return f"Flickr8k(split={self.split!r}, images={len(self)}, root={str(self.root)!r}, layout={self.layout!r})"
+
+
+class HubFlickr8k(Flickr8k):
+    """Full Flickr8k from the Hugging Face Hub (hub profile), with the same interface as ``Flickr8k``."""
+
+    HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+
+    def __init__(self, split="train", dataset_id="jxie/flickr8k", transform=None, max_images=None):
+        import datasets
+
+        from .profiles import hub_reachable, hub_unavailable
+
+        split = SPLIT_ALIASES.get(split, split)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
+        if not hub_reachable():
+            raise hub_unavailable(f"the dataset {dataset_id}")
+        self.hf = datasets.load_dataset(dataset_id, split=self.HUB_SPLITS[split])
+        if max_images:
+            self.hf = self.hf.select(range(min(max_images, len(self.hf))))
+        columns = self.hf.column_names
+        caption_columns = sorted(c for c in columns if re.fullmatch(r"caption_?\d+", c)) or ["caption"]
+        rows = self.hf.remove_columns("image").to_dict()
+        self.captions = [list(c) if isinstance(c, list) else [c] for c in rows[caption_columns[0]]] \
+            if len(caption_columns) == 1 else [list(t) for t in zip(*(rows[c] for c in caption_columns))]
+        id_column = next((c for c in ("image_filename", "filename", "image_id") if c in columns), None)
+        self.image_ids = [str(x) for x in rows[id_column]] if id_column else [f"{split}_{i:05d}" for i in range(len(self.hf))]
+        self.split, self.root, self.layout, self.image_dir = split, dataset_id, "hub", None
+        self.transform = transform or _default_transform()
+        self.skipped = []
+
+    @property
+    def image_paths(self):
+        raise AttributeError("images of a hub dataset have no local paths; use load_image(i)")
+
+    def load_image(self, i: int) -> Image.Image:
+        return to_rgb(self.hf[i]["image"])
+
+    def to_hf_dataset(self):
+        return self.hf
+
+
+def load_flickr8k(split: str = "train", profile=None, transform=None, root=None, max_images=None) -> Flickr8k:
+    """The split from the profile's data source: a local folder, or the Hub for the hub profile."""
+    from .profiles import Profile, get_profile
+
+    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    if profile.data == "local" or root is not None:
+        return Flickr8k(split, root=root, transform=transform, max_images=max_images)
+    return Flickr8k.from_hub(split, profile.data, transform=transform, max_images=max_images)
+
+
+def _default_transform():
+    from .backbones import ImageTransform
+
+    return ImageTransform(224)   # [0, 1] RGB, no normalisation
+
+
+def collate(items: list[dict | None]) -> dict:
+    """Stack a batch, dropping items that could not be read (``None``)."""
+    items = [item for item in items if item is not None]
+    if not items:
+        return {"pixel_values": torch.empty(0), "captions": [], "image_id": []}
+    return {"pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "captions": [item["captions"] for item in items],
+            "image_id": [item["image_id"] for item in items]}

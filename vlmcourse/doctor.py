@@ -1,0 +1,74 @@
+"""``python -m vlmcourse doctor``: is everything the course needs here, and how fast does it load?"""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+import time
+
+import torch
+
+from .data import SPLITS, DataNotFoundError, Flickr8k, find_data_root
+from .profiles import get_profile, hub_reachable, hub_unavailable
+from .utils import peak_memory_mb
+
+PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "gguf", "nbval")
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def doctor(profile_name: str | None = None, data: str | None = None, out=sys.stdout) -> int:
+    """Print the environment, the data and each pretrained part's load time; 0 when all is well."""
+    from .backbones import load_llm, load_text_encoder, load_vision_encoder
+
+    def say(*parts):
+        print(*parts, file=out, flush=True)
+
+    problems = []
+    profile = get_profile(profile_name)
+    say(f"vlmcourse {_version('vlmcourse')} on Python {platform.python_version()} ({platform.machine()})")
+    say("packages: " + ", ".join(f"{n} {_version(n)}" for n in PACKAGES))
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    say(f"device:   {profile.device} ({cuda}); torch threads {torch.get_num_threads()}")
+    say(f"profile:  {profile.name} (vision {profile.vision}, text {profile.text}, llm {profile.llm})")
+
+    if profile.data == "local" or data is not None:
+        try:
+            root = find_data_root(data)
+            say(f"data:     {root}")
+            for split in SPLITS:
+                ds = Flickr8k(split, root=root)
+                say(f"  {split:<5} {len(ds):>5} images {sum(map(len, ds.captions)):>6} captions ({ds.layout} layout)")
+        except (DataNotFoundError, ValueError) as error:
+            problems.append("data")
+            say(f"data:     MISSING: {error}")
+    elif hub_reachable():
+        say(f"data:     {profile.data} from the Hugging Face Hub (downloaded on first use)")
+    else:
+        problems.append("data")
+        say(f"data:     FAILED: {hub_unavailable('the dataset ' + profile.data)}")
+
+    for part, load in (("vision", load_vision_encoder), ("text", load_text_encoder), ("llm", load_llm)):
+        start = time.perf_counter()
+        try:
+            model = load(profile)
+        except Exception as error:  # report every part, then fail
+            problems.append(part)
+            say(f"{part + ':':<9} FAILED: {error}")
+            continue
+        module = getattr(model, "model", model)
+        params = sum(p.numel() for p in module.parameters()) / 1e6
+        say(f"{part + ':':<9} {getattr(model, 'name', type(model).__name__)}: {params:.1f}M parameters, "
+            f"loaded in {time.perf_counter() - start:.1f} s")
+        del model
+    say(f"peak memory: {peak_memory_mb():.0f} MB")
+    if problems:
+        say(f"{len(problems)} problem(s): {', '.join(problems)} (see above)")
+        return 1
+    say("all good")
+    return 0

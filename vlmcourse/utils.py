@@ -1,0 +1,42 @@
+"""Small helpers every notebook uses: seeding, the cache folder, tables, memory."""
+from __future__ import annotations
+
+import os
+import random
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def cache_dir(*parts: str) -> Path:
+    """The user cache folder ($VLMCOURSE_CACHE, default ~/.cache/vlmcourse), created on use."""
+    root = Path(os.environ.get("VLMCOURSE_CACHE") or Path.home() / ".cache" / "vlmcourse")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 ** 2 if sys.platform == "darwin" else peak / 1024
+
+
+def show_table(rows, columns=None, floatfmt: str = "{:.3f}"):
+    """Rows (list of dicts or lists) as a pandas DataFrame, which notebooks render as a table."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.style.format(floatfmt, subset=frame.select_dtypes("float").columns).hide(axis="index")
