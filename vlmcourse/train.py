@@ -1,0 +1,181 @@
+"""One training loop for every notebook and the CLI.
+
+BLIP-2's recipe: AdamW (betas 0.9/0.98, weight decay 0.05), linear warm-up
+then cosine decay, gradient clipping. Batches come from ``batch_fn(step, generator)``
+with a generator seeded by (seed, step): a run resumed from a checkpoint sees
+exactly the batches (and dropout masks) the uninterrupted run would have seen,
+so it continues the same loss curve. It runs under ``accelerate``: the same
+code on the CPU, one GPU, or ``accelerate launch`` on several.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message gives the step and the values."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1       # the cosine ends at lr * min_lr_ratio
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    bf16: bool | None = None        # None: bf16 autocast where the hardware supports it
+    eval_every: int = 0             # call eval_fn every N steps (and at the end)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    desc: str = "training"
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)   # one row per step: step, lr, and every loss
+    evals: list[dict] = field(default_factory=list)     # one row per evaluation: step and eval_fn's values
+    seconds: float = 0.0
+
+    def column(self, name: str, rows: str = "history") -> list[float]:
+        return [row[name] for row in getattr(self, rows) if name in row]
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings of size 1-D."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=config.betas)
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+    if bad:
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items() if v.numel() == 1)
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(bad)} went bad ({values}). "
+                                 f"Try a lower learning rate, or check the inputs of this batch.")
+
+
+def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dict],
+          loss_fn: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]], config: TrainConfig,
+          eval_fn: Callable[[torch.nn.Module], dict] | None = None, resume: bool = True) -> TrainResult:
+    """Train ``model`` for ``config.steps`` steps; ``loss_fn`` returns named losses, "loss" is optimised.
+
+    With ``checkpoint_dir`` set, it saves there every ``checkpoint_every`` steps
+    and at the end, and (``resume=True``) picks up from the last checkpoint.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    model = model.to(accelerator.device)
+    optimizer = make_optimizer(model, config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    use_bf16 = bf16_supported(accelerator.device) if config.bf16 is None else config.bf16
+    autocast = (lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    result, start_step = TrainResult(), 0
+    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if ckpt and resume and (ckpt / "trainer.json").is_file():
+        start_step, result = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)
+
+    began = time.perf_counter() - result.seconds
+    bar = tqdm(range(start_step, config.steps), desc=config.desc, initial=start_step, total=config.steps,
+               disable=not accelerator.is_main_process)
+    for step in bar:
+        model.train()
+        seed = config.seed * 1_000_003 + step * 101 + accelerator.process_index
+        torch.manual_seed(seed)                           # dropout masks depend on the step alone
+        batch = batch_fn(step, torch.Generator().manual_seed(seed))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        with autocast():
+            losses = loss_fn(model, batch)
+        check_finite(losses, step)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(losses["loss"])
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        row = {"step": step, "lr": optimizer.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in losses.items()}}
+        result.history.append(row)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr")}, refresh=False)
+        last = step == config.steps - 1
+        if eval_fn and ((config.eval_every and (step + 1) % config.eval_every == 0) or last):
+            model.eval()
+            with torch.no_grad(), autocast():
+                result.evals.append({"step": step, **eval_fn(accelerator.unwrap_model(model))})
+            model.train()
+        result.seconds = time.perf_counter() - began
+        if ckpt and ((config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or last):
+            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, step + 1, result, config)
+    model.eval()
+    return result
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, result: TrainResult, config: TrainConfig) -> None:
+    """Trainable weights and optimizer moments as safetensors; step, history and config as JSON."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state_dict(model), path / "model.safetensors")
+    moments = {}
+    for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        for name, value in optimizer.state.get(p, {}).items():
+            moments[f"{i}.{name}"] = value.detach().reshape(value.shape).contiguous().cpu()
+    save_file(moments, path / "optimizer.safetensors")
+    (path / "trainer.json").write_text(json.dumps(
+        {"step": step, "history": result.history, "evals": result.evals, "seconds": result.seconds,
+         "config": asdict(config)}))
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[int, TrainResult]:
+    state = load_file(path / "model.safetensors")
+    missing = set(trainable_state_dict(model)) - set(state)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (first: {sorted(missing)[:3]})")
+    model.load_state_dict(state, strict=False)
+    moments = load_file(path / "optimizer.safetensors")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for key, value in moments.items():
+        index, name = key.split(".", 1)
+        p = params[int(index)]
+        optimizer.state[p][name] = value.to(p.device) if name != "step" else value
+    meta = json.loads((path / "trainer.json").read_text())
+    return meta["step"], TrainResult(meta["history"], meta["evals"], meta["seconds"])
