@@ -7,14 +7,16 @@ three losses for a batch of (cached image features, captions).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import losses as L
-from .qformer import QFormer
+from .qformer import QFormer, QFormerConfig
 
 
 @dataclass
@@ -28,7 +30,6 @@ class Stage1Config:
     itm_batch_size: int | None = None     # positives per ITM step (None: the whole batch); ITM costs 3 forwards
     losses: tuple[str, ...] = ("itc", "itm", "itg")
     decoder_bos_token: str = "[unused0]"  # BLIP-2's [DEC]; an unused BERT token needs no new embedding
-    extra: dict = field(default_factory=dict)
 
 
 class ImageAdapter(nn.Module):
@@ -169,3 +170,46 @@ class Stage1Model(nn.Module):
             if done.all():
                 break
         return [self.tokenizer.decode(row[1:], skip_special_tokens=True) for row in ids]
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, path) -> None:
+        """config.json + model.safetensors + the tokenizer: everything ``from_pretrained`` needs."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"stage1": asdict(self.config), "qformer": self.qformer.config.to_dict(),
+                  "num_image_tokens": self.image_adapter.position.shape[1]}
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(self, str(path / "model.safetensors"))   # handles the LM head tied to the word embeddings
+        self.tokenizer.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path) -> "Stage1Model":
+        from safetensors.torch import load_model
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        stage1 = config["stage1"]
+        stage1["losses"] = tuple(stage1["losses"])
+        model = cls(QFormer(QFormerConfig(**config["qformer"])), AutoTokenizer.from_pretrained(path),
+                    config["num_image_tokens"], Stage1Config(**stage1))
+        load_model(model, str(path / "model.safetensors"))
+        return model.eval()
+
+
+@torch.no_grad()
+def retrieval(model: Stage1Model, features: torch.Tensor, captions: list[list[str]], ks=(1, 5, 10),
+              batch_size: int = 128) -> dict:
+    """Image->text and text->image Recall@K with the ITC similarity (max over queries)."""
+    from .clip import caption_image_index, recall_at_k
+
+    model.eval()
+    image_feats = torch.cat([model.image_features(features[i:i + batch_size].float())
+                             for i in range(0, len(features), batch_size)])
+    flat = [c for caps in captions for c in caps]
+    text_feats = torch.cat([model.text_features(*model.tokenize(flat[i:i + batch_size]))
+                            for i in range(0, len(flat), batch_size)])
+    sim = L.itc_similarity(image_feats, text_feats)
+    return recall_at_k(sim.float().cpu(), caption_image_index([len(c) for c in captions]), ks)

@@ -147,6 +147,25 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
     return result
 
 
+def caption_batches(features: torch.Tensor, captions: list[list[str]], image_ids: list[str], batch_size: int):
+    """A ``batch_fn`` over cached image features: ``batch_size`` different photos, one random caption each.
+
+    Returns dicts with the names the stage-1 and stage-2 models take:
+    image_embeds, captions, image_ids (and the step's generator, for ITM's negative sampling).
+    """
+    if not (len(features) == len(captions) == len(image_ids)):
+        raise ValueError(f"{len(features)} feature rows, {len(captions)} caption lists, {len(image_ids)} ids")
+    batch_size = min(batch_size, len(features))
+
+    def batch_fn(step: int, generator: torch.Generator) -> dict:
+        idx = torch.randperm(len(features), generator=generator)[:batch_size].tolist()
+        picks = [int(torch.randint(len(captions[i]), (1,), generator=generator)) for i in idx]
+        return {"image_embeds": features[idx].float(), "captions": [captions[i][k] for i, k in zip(idx, picks)],
+                "image_ids": [image_ids[i] for i in idx], "generator": generator}
+
+    return batch_fn
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
