@@ -517,7 +517,10 @@ def train_lit(
     eval_fn = None
     if dev is not None:
         dev_images, dev_texts = _pool_once(dev[0]), dev[1]
-        eval_fn = lambda m: {"dev_loss": contrastive_eval_loss(m, dev_images, dev_texts)}  # noqa: E731
+
+        def eval_fn(model: LiTModel) -> dict[str, float]:
+            return {"dev_loss": contrastive_eval_loss(model, dev_images, dev_texts)}
+
     return train(model, batch_fn, lit_loss, replace(config, steps=config.total_steps(n_images)), eval_fn=eval_fn)
 
 
