@@ -72,3 +72,97 @@ def test_shape_errors(llm):
         model.soft_prompts(torch.randn(1, 9, 32))
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         model(torch.randn(2, 16, 32), ["a dog"])
+
+
+# ----------------------------------------------------------------------------- added with notebook 05
+from vlmcourse.bridge import (PrecomputedConnector, QFormerConnector, caption_loss,  # noqa: E402
+                              connector_from_config, evaluate_captions)
+from vlmcourse.qformer import QFormer, QFormerConfig  # noqa: E402
+from vlmcourse.stage1 import ImageAdapter  # noqa: E402
+
+
+def qformer_captioner(llm):
+    torch.manual_seed(0)
+    config = QFormerConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, num_query_tokens=3, encoder_hidden_size=32)
+    return SoftPromptCaptioner(QFormerConnector(QFormer(config), ImageAdapter(16, 32)), 16, llm)
+
+
+@pytest.mark.parametrize("make", [lambda llm: captioner(llm), lambda llm: SoftPromptCaptioner(PatchConnector(16), 32, llm),
+                                  qformer_captioner])
+def test_save_and_load_keep_every_weight_but_the_llms(llm, tmp_path, make):
+    from safetensors import safe_open
+
+    model = make(llm)
+    with torch.no_grad():
+        model.proj.weight.add_(0.5)                           # not the init: the weights must really be loaded
+    model.save_pretrained(tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "proj.weight" in names and not any(n.startswith("llm") for n in names)
+    again = SoftPromptCaptioner.from_pretrained(tmp_path / "m", llm)
+    assert type(again.connector) is type(model.connector) and again.config == model.config
+    assert not again.training and not any(p.requires_grad for p in again.llm_model.parameters())
+    x = torch.randn(2, 16, 32)
+    assert torch.equal(model.eval().soft_prompts(x), again.soft_prompts(x))
+
+
+def test_loading_onto_another_llm_fails_clearly(llm, tmp_path):
+    captioner(llm).save_pretrained(tmp_path / "m")
+    other = load_llm("tiny")
+    other.name = "another-llm"
+    with pytest.raises(ValueError, match="trained for the LLM 'tiny-llama'"):
+        SoftPromptCaptioner.from_pretrained(tmp_path / "m", other)
+    with pytest.raises(FileNotFoundError, match="no saved captioner"):
+        SoftPromptCaptioner.from_pretrained(tmp_path / "nothing", llm)
+    with pytest.raises(ValueError, match="unknown connector type"):
+        connector_from_config({"type": "perceiver"})
+
+
+def test_precomputed_connector_outputs_give_the_same_loss_and_frozen_parts_stay_in_eval(llm):
+    model = qformer_captioner(llm)
+    for p in model.connector.parameters():
+        p.requires_grad_(False)
+    model.train()
+    assert model.proj.training and not model.connector.training and not model.llm_model.training
+    x, captions = torch.randn(3, 16, 32), ["a dog", "a red car", "two cats"]
+    cached = model.connector_outputs(x, batch_size=2)
+    assert cached.shape == (3, 3, 16)
+    loss = model(x, captions)
+    with model.using_connector(PrecomputedConnector(3, 16)):
+        assert torch.allclose(model(cached, captions), loss, atol=1e-6)
+        with pytest.raises(ValueError, match="precomputed connector outputs"):
+            model(x, captions)
+    assert isinstance(model.connector, QFormerConnector)          # restored
+    for p in model.connector.parameters():
+        p.requires_grad_(True)
+    assert model.train().connector.training                      # a trainable connector does train (dropout)
+
+
+def test_soft_prompts_can_be_zeroed_or_swapped(llm):
+    model = captioner(llm).eval()
+    x = torch.randn(3, 16, 32)
+    soft = model.soft_prompts(x)
+    with pytest.raises(ValueError, match="exactly one"):
+        model.prefix_embeds(x, soft)
+    assert model.generate(x, max_new_tokens=4) == model.generate(soft_prompts=soft, max_new_tokens=4)
+    assert model.generate(x, max_new_tokens=4, batch_size=2) == model.generate(x, max_new_tokens=4)
+    zeroed = model.generate(soft_prompts=torch.zeros_like(soft), max_new_tokens=4)
+    assert len(set(zeroed)) == 1                                  # the same input for every photo
+    assert torch.allclose(model.first_token_probs(soft_prompts=soft.roll(1, 0)), model.first_token_probs(x).roll(1, 0),
+                          atol=1e-5)
+
+
+def test_evaluate_captions_and_caption_loss(llm):
+    model = captioner(llm).eval()
+    x = torch.randn(3, 16, 32)
+    refs = [["a dog runs"], ["a red car", "a car"], ["two cats sleep"]]
+    report = evaluate_captions(model, refs, x, max_new_tokens=4, batch_size=2)
+    assert set(report) == {"captions", "distinct", "empty", "P(EOS) first", "BLEU-4", "CIDEr-D"}
+    assert len(report["captions"]) == 3 and 0 <= report["P(EOS) first"] <= 1
+    zero = evaluate_captions(model, refs, soft_prompts=torch.zeros(1, 4, 32), max_new_tokens=4)
+    assert len(zero["captions"]) == 3 and zero["distinct"] == 1
+    with torch.no_grad():                                         # one batch of all 4 pairs: the same mean
+        manual = model(x[[0, 1, 1, 2]], ["a dog runs", "a red car", "a car", "two cats sleep"])
+    assert caption_loss(model, x, refs, batch_size=64) == pytest.approx(float(manual), rel=1e-5)
+    assert caption_loss(model, x, refs, batch_size=3) == pytest.approx(float(manual), rel=1e-5)

@@ -107,3 +107,67 @@ def test_generate_and_itm_scores_shapes(text):
     assert scores.shape == (3,) and ((0 <= scores) & (scores <= 1)).all()
     with pytest.raises(ValueError, match=r"\(B, 9, 24\)"):
         model.image_features(torch.randn(3, 8, 24))
+
+
+def test_recording_masks_sees_each_loss_mask_and_changes_nothing(text):
+    from vlmcourse.stage1 import recording_masks
+
+    model = tiny_model(text).eval()
+    x, captions = torch.randn(4, 9, 24), ["a dog", "a cat runs", "two men", "snow"]
+    torch.manual_seed(0)
+    plain = model(x, captions)
+    with recording_masks() as calls:
+        torch.manual_seed(0)
+        recorded = model(x, captions)
+    assert [name for name, _ in calls] == ["itc", "itm", "itg"]
+    q, t = 4, model.tokenize(captions)[0].shape[1]
+    m = model.config.itm_batch_size or 4
+    assert [tuple(mask.shape) for _, mask in calls] == [(4, q + t, q + t), (3 * m, q + t, q + t), (4, q + t, q + t)]
+    assert all(torch.equal(plain[k], recorded[k]) for k in plain)
+    assert qformer_module.self_attention_mask.__name__ == "self_attention_mask"   # put back afterwards
+
+
+def test_itm_score_groups_pairs_and_ranges(text):
+    from vlmcourse.stage1 import itc_features, itm_score_groups, retrieval
+
+    model = tiny_model(text)
+    x = torch.randn(5, 9, 24)
+    captions = [[f"photo {i} caption {k}" for k in range(3)] for i in range(5)]
+    image_feats, text_feats = itc_features(model, x, captions, batch_size=2)
+    assert image_feats.shape == (5, 4, 256) and text_feats.shape == (15, 256)
+    recall = retrieval(model, x, captions, ks=(1, 15))
+    assert recall["image->text"][15] == 1.0 and recall["text->image"][15] == 1.0
+    groups = itm_score_groups(model, x, captions, torch.Generator().manual_seed(0), batch_size=2)
+    assert set(groups) == {"matched", "random", "hard negative"}
+    for scores in groups.values():
+        assert scores.shape == (5,) and ((0 <= scores) & (scores <= 1)).all()
+    # the matched score is the head's score of a real own caption
+    model.eval()
+    own = torch.stack([model.itm_scores(x[i:i + 1], [c])[0] for i in range(5) for c in captions[i]]).view(5, 3)
+    assert all(any(abs(float(s) - float(o)) < 1e-5 for o in own[i]) for i, s in enumerate(groups["matched"]))
+
+
+def test_stage1_plots_draw(text):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from vlmcourse.stage1 import plot_captions, plot_itm_histograms, plot_stage1_history
+    from vlmcourse.train import TrainResult
+
+    full = TrainResult(history=[{"step": s, "itc": 3 - s / 10, "itm": 0.64, "itg": 9 - s / 5, "loss": 1.0}
+                                for s in range(15)],
+                       evals=[{"step": 9, "dev_i2t_r5": 0.3, "dev_t2i_r5": 0.2}])
+    itc_only = TrainResult(history=[{"step": s, "itc": 3 - s / 8, "loss": 1.0} for s in range(15)])
+    fig = plot_stage1_history({"all three": full, "ITC only": itc_only}, batch_size=32, n_eval_images=78)
+    assert len(fig.axes) == 4 and len(fig.axes[3].lines) >= 2
+    ax = plot_itm_histograms({"matched": torch.rand(10), "random": torch.rand(10), "hard negative": torch.rand(10)})
+    assert len(ax.get_legend().get_texts()) == 4          # three kinds + the blind line at 1/3
+    zoomed = plot_itm_histograms({"matched": torch.full((5,), 0.3), "random": torch.full((5,), 0.31)}, value_range=None)
+    assert 0.25 < zoomed.get_xlim()[0] < 0.3 < 0.31 < zoomed.get_xlim()[1] < 0.36
+    photo = Image.new("RGB", (32, 32))
+    fig = plot_captions([photo] * 4, ["a dog"] * 4, ["a dog runs on the grass"] * 4, ncols=3)
+    assert sum(t.get_text().startswith("ITG:") for a in fig.axes for t in a.texts) == 4
+    plt.close("all")

@@ -17,10 +17,19 @@ model would never learn to stop.
 This is BLIP-2's decoder-only recipe (OPT). In the encoder-decoder recipe
 (FlanT5) the soft prompts and the prompt go to the encoder and the caption is
 the decoder's target; ``labels`` then need no -100 prefix at all.
+
+A frozen connector is a fixed function of the image: its outputs can be
+computed once per image (``connector_outputs``) and training then runs on them
+through a ``PrecomputedConnector`` (``using_connector``), skipping the Q-Former
+at every step. ``save_pretrained``/``from_pretrained`` store everything but the
+LLM, which is loaded from the profile.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -50,6 +59,9 @@ class MeanPoolConnector(nn.Module):
         grid = image_embeds.transpose(1, 2).reshape(b, d, h, w)
         return nn.functional.adaptive_avg_pool2d(grid, self.pooled).flatten(2).transpose(1, 2)
 
+    def to_config(self) -> dict:
+        return {"type": "meanpool", "grid_size": list(self.grid_size), "pooled": self.pooled}
+
 
 class PatchConnector(nn.Module):
     """LLaVA-style baseline: every patch token goes to the LLM (the projection does the work)."""
@@ -60,6 +72,29 @@ class PatchConnector(nn.Module):
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         return image_embeds
+
+    def to_config(self) -> dict:
+        return {"type": "patch", "num_patches": self.num_tokens}
+
+
+class PrecomputedConnector(nn.Module):
+    """Stands in for a *frozen* connector whose outputs were computed once (``connector_outputs``).
+
+    Its input is already the connector output (B, Q, C); it only checks the shape.
+    """
+
+    def __init__(self, num_tokens: int, size: int):
+        super().__init__()
+        self.num_tokens, self.size = num_tokens, size
+
+    def forward(self, connector_output: torch.Tensor) -> torch.Tensor:
+        if tuple(connector_output.shape[1:]) != (self.num_tokens, self.size):
+            raise ValueError(f"expected precomputed connector outputs (B, {self.num_tokens}, {self.size}), "
+                             f"got {tuple(connector_output.shape)}: pass connector_outputs(...), not image features")
+        return connector_output
+
+    def to_config(self) -> dict:
+        return {"type": "precomputed", "num_tokens": self.num_tokens, "size": self.size}
 
 
 class QFormerConnector(nn.Module):
@@ -75,6 +110,46 @@ class QFormerConnector(nn.Module):
             image_embeds = self.image_norm(image_embeds)
         return self.qformer(image_embeds=image_embeds).query_output
 
+    def to_config(self) -> dict:
+        from .stage1 import ImageAdapter
+
+        norm = self.image_norm
+        if norm is None:
+            norm_config = None
+        elif isinstance(norm, ImageAdapter):
+            norm_config = {"type": "image_adapter", "num_tokens": norm.position.shape[1],
+                           "hidden_size": norm.position.shape[2]}
+        elif isinstance(norm, nn.LayerNorm):
+            norm_config = {"type": "layernorm", "size": norm.normalized_shape[0], "eps": norm.eps}
+        else:
+            raise TypeError(f"cannot save an image_norm of type {type(norm).__name__}: "
+                            f"use stage1.ImageAdapter, nn.LayerNorm or None")
+        return {"type": "qformer", "qformer": self.qformer.config.to_dict(), "image_norm": norm_config}
+
+
+def connector_from_config(config: dict) -> nn.Module:
+    """A connector with fresh weights, built from ``connector.to_config()`` (``from_pretrained`` loads them)."""
+    kind = config.get("type")
+    if kind == "meanpool":
+        return MeanPoolConnector(tuple(config["grid_size"]), config["pooled"])
+    if kind == "patch":
+        return PatchConnector(config["num_patches"])
+    if kind == "precomputed":
+        return PrecomputedConnector(config["num_tokens"], config["size"])
+    if kind == "qformer":
+        from .qformer import QFormer, QFormerConfig
+        from .stage1 import ImageAdapter
+
+        norm, norm_config = None, config.get("image_norm")
+        if norm_config and norm_config["type"] == "image_adapter":
+            norm = ImageAdapter(norm_config["num_tokens"], norm_config["hidden_size"])
+        elif norm_config and norm_config["type"] == "layernorm":
+            norm = nn.LayerNorm(norm_config["size"], eps=norm_config["eps"])
+        elif norm_config:
+            raise ValueError(f"unknown image_norm type {norm_config['type']!r}")
+        return QFormerConnector(QFormer(QFormerConfig(**config["qformer"])), norm)
+    raise ValueError(f"unknown connector type {kind!r}: expected qformer, meanpool, patch or precomputed")
+
 
 class SoftPromptCaptioner(nn.Module):
     """connector -> projection -> frozen LLM. ``forward`` returns the caption LM loss."""
@@ -83,6 +158,7 @@ class SoftPromptCaptioner(nn.Module):
                  freeze_llm: bool = True):
         super().__init__()
         self.connector, self.llm_model, self.tokenizer = connector, llm.model, llm.tokenizer
+        self.llm_name = getattr(llm, "name", None)
         self.config = config or BridgeConfig()
         self.proj = nn.Linear(connector_size, llm.model.config.hidden_size)
         if freeze_llm:
@@ -98,6 +174,45 @@ class SoftPromptCaptioner(nn.Module):
     def device(self) -> torch.device:
         return self.proj.weight.device
 
+    @property
+    def num_soft_tokens(self) -> int:
+        return self.connector.num_tokens
+
+    def train(self, mode: bool = True):
+        """Train mode for the parts that learn; a part with no trainable weights (the frozen LLM, a frozen
+        Q-Former) stays in eval mode, so no dropout changes the fixed function it stands for."""
+        super().train(mode)
+        for part in (self.connector, self.llm_model):
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
+
+    # ------------------------------------------------------------------ inputs
+    @torch.no_grad()
+    def connector_outputs(self, image_embeds: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """The connector's outputs (N, Q, C) for N images, in batches, in eval mode, on the CPU.
+
+        For a frozen connector they never change: compute them once and train on them through
+        ``using_connector(PrecomputedConnector(Q, C))``.
+        """
+        was_training = self.connector.training
+        self.connector.eval()
+        try:
+            outs = [self.connector(image_embeds[i:i + batch_size].to(self.device, self.proj.weight.dtype)).cpu()
+                    for i in range(0, len(image_embeds), batch_size)]
+        finally:
+            self.connector.train(was_training)
+        return torch.cat(outs)
+
+    @contextmanager
+    def using_connector(self, connector: nn.Module):
+        """Temporarily replace the connector (e.g. by a ``PrecomputedConnector`` while training)."""
+        original, self.connector = self.connector, connector
+        try:
+            yield self
+        finally:
+            self.connector = original
+
     def soft_prompts(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, N, D) image tokens -> (B, Q, H_llm) vectors in the LLM's input-embedding space."""
         if image_embeds.ndim != 3:
@@ -107,11 +222,18 @@ class SoftPromptCaptioner(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm_model.get_input_embeddings()(ids.to(self.device))
 
+    @property
+    def _llm_dtype(self) -> torch.dtype:
+        return self.llm_model.get_input_embeddings().weight.dtype
+
     def caption_ids(self, captions: list[str]) -> list[torch.Tensor]:
-        """Each caption's token ids (leading space, no special tokens), truncated, with one EOS appended."""
+        """Each caption's token ids (no special tokens; a leading space unless the prompt ends with whitespace),
+        truncated to ``max_caption_tokens``, with one EOS appended."""
+        # the caption continues the prompt as text would: after a space or a newline, no extra space
+        sep = "" if self.config.prompt[-1:].isspace() else " "
         out = []
         for caption in captions:
-            ids = self.tokenizer(" " + caption.strip(), add_special_tokens=False).input_ids
+            ids = self.tokenizer(sep + caption.strip(), add_special_tokens=False).input_ids
             out.append(torch.tensor(ids[: self.config.max_caption_tokens] + [self.eos_id]))
         return out
 
@@ -128,7 +250,8 @@ class SoftPromptCaptioner(nn.Module):
         text_mask = torch.zeros(b, t, dtype=torch.long)
         for i, c in enumerate(caps):
             ids[i, : len(c)], text_mask[i, : len(c)] = c, 1
-        embeds = torch.cat([soft, prompt.to(soft.dtype), self._embed(ids).to(soft.dtype)], dim=1)
+        dtype = self._llm_dtype       # as text embeddings enter the LLM (also under autocast)
+        embeds = torch.cat([soft.to(dtype), prompt.to(dtype), self._embed(ids).to(dtype)], dim=1)
         prefix = q + prompt.shape[1]
         attention_mask = torch.cat([torch.ones(b, prefix, dtype=torch.long), text_mask], dim=1)
         labels = torch.cat([torch.full((b, prefix), IGNORE_INDEX), ids.masked_fill(text_mask == 0, IGNORE_INDEX)], 1)
@@ -138,25 +261,144 @@ class SoftPromptCaptioner(nn.Module):
         embeds, attention_mask, labels = self.build_inputs(image_embeds, captions)
         return self.llm_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
 
-    def prefix_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        soft = self.soft_prompts(image_embeds)
-        prompt = self._embed(self.prompt_ids).expand(soft.shape[0], -1, -1).to(soft.dtype)
-        return torch.cat([soft, prompt], dim=1)
+    def prefix_embeds(self, image_embeds: torch.Tensor | None = None,
+                      soft_prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """[soft prompts; prompt] for generation. Give image features, or the soft prompts themselves
+        (e.g. zeroed, or another photo's) to see what the LLM does with them."""
+        if (image_embeds is None) == (soft_prompts is None):
+            raise ValueError("give exactly one of image_embeds and soft_prompts")
+        soft = self.soft_prompts(image_embeds) if soft_prompts is None else soft_prompts.to(self.device)
+        prompt = self._embed(self.prompt_ids).expand(soft.shape[0], -1, -1)
+        return torch.cat([soft.to(self._llm_dtype), prompt.to(self._llm_dtype)], dim=1)
 
     @torch.no_grad()
-    def first_token_probs(self, image_embeds: torch.Tensor) -> torch.Tensor:
+    def first_token_probs(self, image_embeds: torch.Tensor | None = None,
+                          soft_prompts: torch.Tensor | None = None) -> torch.Tensor:
         """(B, vocab) distribution of the first caption token: P(EOS) here diagnoses empty captions."""
-        embeds = self.prefix_embeds(image_embeds)
+        embeds = self.prefix_embeds(image_embeds, soft_prompts)
         logits = self.llm_model(inputs_embeds=embeds).logits[:, -1]
         return logits.float().softmax(-1)
 
     @torch.no_grad()
-    def generate(self, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1,
-                 **kwargs) -> list[str]:
-        """Captions for a batch of image features (greedy by default)."""
-        embeds = self.prefix_embeds(image_embeds)
+    def generate(self, image_embeds: torch.Tensor | None = None, max_new_tokens: int = 30, num_beams: int = 1,
+                 soft_prompts: torch.Tensor | None = None, batch_size: int | None = None, **kwargs) -> list[str]:
+        """Captions for a batch of image features, or of soft prompts (greedy by default)."""
+        source = image_embeds if soft_prompts is None else soft_prompts
+        if batch_size and source is not None and len(source) > batch_size:
+            return [c for i in range(0, len(source), batch_size) for c in self.generate(
+                None if image_embeds is None else image_embeds[i:i + batch_size], max_new_tokens, num_beams,
+                None if soft_prompts is None else soft_prompts[i:i + batch_size], **kwargs)]
+        embeds = self.prefix_embeds(image_embeds, soft_prompts)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       num_beams=num_beams, do_sample=False, eos_token_id=self.eos_id,
                                       pad_token_id=self.eos_id, **kwargs)
         return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out]
+
+    # ------------------------------------------------------------------ saving
+    def _bridge_modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"connector": self.connector, "proj": self.proj})
+
+    def save_pretrained(self, path) -> None:
+        """config.json + model.safetensors with every weight but the LLM's (connector and projection).
+
+        The frozen LLM is not copied: ``from_pretrained`` takes it from the profile.
+        """
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"bridge": asdict(self.config), "connector": self.connector.to_config(),
+                  "connector_size": self.proj.in_features,
+                  "llm": {"name": self.llm_name, "hidden_size": self.proj.out_features}}
+        save_model(self._bridge_modules(), str(path / "model.safetensors"))   # handles the Q-Former's tied head
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path, llm, freeze_llm: bool = True) -> "SoftPromptCaptioner":
+        """The captioner saved at ``path``, on top of ``llm`` (``backbones.load_llm(profile)``), in eval mode."""
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no saved captioner at {path} (config.json missing)")
+        config = json.loads((path / "config.json").read_text())
+        saved = config["llm"]
+        if saved["hidden_size"] != llm.model.config.hidden_size or (
+                saved["name"] and getattr(llm, "name", None) and saved["name"] != llm.name):
+            raise ValueError(f"{path} was trained for the LLM {saved['name']!r} (hidden size {saved['hidden_size']}), "
+                             f"not {getattr(llm, 'name', None)!r} (hidden size {llm.model.config.hidden_size}): "
+                             f"load the LLM of the profile it was trained with")
+        model = cls(connector_from_config(config["connector"]), config["connector_size"], llm,
+                    BridgeConfig(**config["bridge"]), freeze_llm=freeze_llm)
+        load_model(model._bridge_modules(), str(path / "model.safetensors"), device=str(model.device))
+        return model.eval()
+
+
+@torch.no_grad()
+def caption_loss(captioner: SoftPromptCaptioner, image_embeds: torch.Tensor, captions: list[list[str]] | list[str],
+                 batch_size: int = 64) -> float:
+    """Mean caption LM loss per labelled token (caption tokens and EOS) over every (image, caption) pair.
+
+    ``captions[i]`` is one caption or a list of captions of image ``i``.
+    """
+    pairs = [(i, c) for i, caps in enumerate(captions) for c in ([caps] if isinstance(caps, str) else caps)]
+    total, tokens = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        idx, text = zip(*pairs[start:start + batch_size])
+        n = sum(len(ids) for ids in captioner.caption_ids(list(text)))
+        total += float(captioner(image_embeds[list(idx)], list(text))) * n
+        tokens += n
+    return total / tokens
+
+
+@torch.no_grad()
+def evaluate_captions(captioner: SoftPromptCaptioner, references: list[list[str]],
+                      image_embeds: torch.Tensor | None = None, soft_prompts: torch.Tensor | None = None,
+                      max_new_tokens: int = 30, batch_size: int = 64) -> dict:
+    """Greedy captions for every image and how good and varied they are.
+
+    Give image features, or soft prompts (zeroed, swapped, ...); a single (1, Q, H) soft prompt stands
+    for every image. Returns a dict:
+    "captions" (list), "distinct", "empty", "P(EOS) first" (the mean probability
+    that the caption ends before it starts), "BLEU-4" and "CIDEr-D" (metrics.py).
+    """
+    from .metrics import caption_metrics, caption_stats
+
+    if soft_prompts is not None and len(soft_prompts) == 1 and len(references) > 1:
+        # one soft prompt for every image (e.g. all zeros): the LLM sees the same input, caption it once
+        one = evaluate_captions(captioner, references[:1], soft_prompts=soft_prompts, max_new_tokens=max_new_tokens)
+        captions = one["captions"] * len(references)
+        return {**one, "captions": captions, **caption_metrics(captions, references)}
+    captions = captioner.generate(image_embeds, max_new_tokens, soft_prompts=soft_prompts, batch_size=batch_size)
+    source = image_embeds if soft_prompts is None else soft_prompts
+    p_eos = torch.cat([captioner.first_token_probs(
+        None if image_embeds is None else image_embeds[i:i + batch_size],
+        None if soft_prompts is None else soft_prompts[i:i + batch_size])[:, captioner.eos_id].cpu()
+        for i in range(0, len(source), batch_size)])
+    stats = caption_stats(captions)
+    return {"captions": captions, "distinct": stats["distinct"], "empty": stats["empty"],
+            "P(EOS) first": float(p_eos.mean()), **caption_metrics(captions, references)}
+
+
+def plot_caption_gallery(images, captions: dict[str, list[str]], ncols: int = 4, width: int = 36):
+    """Photos in a grid; under each, one line per entry of ``captions`` ({label: one caption per photo}),
+    e.g. {"with stage 1": [...], "reference": [...]}."""
+    import math
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    nrows = math.ceil(len(images) / ncols)
+    lines = len(captions)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.9 * ncols, (4.1 + 1.05 * lines) * nrows), squeeze=False)
+    for ax in axes.flat[len(images):]:
+        ax.axis("off")
+    for k, (ax, image) in enumerate(zip(axes.flat, images)):
+        ax.imshow(image)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        text = "\n".join(textwrap.fill(f"{label}: {caps[k] or '(empty)'}", width) for label, caps in captions.items())
+        ax.set_xlabel(text, loc="left", fontsize=11.5, linespacing=1.15)
+    fig.tight_layout()
+    return fig

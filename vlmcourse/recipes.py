@@ -93,3 +93,121 @@ def load_or_train_stage1(profile: Profile | str | None = None, recipe: Stage1Rec
     model.save_pretrained(path)
     (path / "history.json").write_text(json.dumps(asdict(result)))
     return model, result
+
+
+# ----------------------------------------------------------------------------- stage 2
+@dataclass
+class Stage2Recipe:
+    """Stage 2 (notebook 05): train the projection from the query outputs to a frozen LLM's soft prompts.
+
+    ``stage1``: the stage-1 recipe whose Q-Former is handed over, or None for a
+    fresh BERT-initialised Q-Former (``num_query_tokens`` queries; a stage-1
+    Q-Former keeps its own number). With ``freeze_qformer`` the Q-Former's
+    outputs are computed once per image and only the projection trains.
+    """
+
+    steps: int = 60
+    lr: float = 1e-3
+    batch_size: int = 16
+    warmup_steps: int = 5
+    prompt: str = "A short caption of the photo:"
+    max_caption_tokens: int = 32
+    freeze_qformer: bool = True
+    seed: int = 0
+    stage1: Stage1Recipe | None = field(default_factory=Stage1Recipe)
+    num_query_tokens: int = 32
+    eval_every: int = 0             # dev caption loss every N steps (0: only at the end)
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def stage2_connector(profile: Profile, recipe: Stage2Recipe, vision=None):
+    """(QFormerConnector, its width): the stage-1 Q-Former of ``recipe.stage1``, or a fresh one."""
+    from .bridge import QFormerConnector
+
+    if recipe.stage1 is not None:
+        stage1, _ = load_or_train_stage1(profile, recipe.stage1)
+    else:
+        vision = vision or load_vision_encoder(profile)
+        seed_everything(recipe.seed)
+        stage1 = Stage1Model.from_text_encoder(load_text_encoder(profile), vision.hidden_size, vision.num_patches,
+                                               Stage1Config(num_query_tokens=recipe.num_query_tokens))
+    connector = QFormerConnector(stage1.qformer, stage1.image_adapter).to(profile.device)
+    for p in connector.parameters():
+        p.requires_grad_(not recipe.freeze_qformer)
+    return connector, stage1.qformer.config.hidden_size
+
+
+def train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | None = None, eval_split: str = "dev",
+                 llm=None):
+    """Stage 2 on cached image features of the train split; the dev caption loss at the end (and every
+    ``recipe.eval_every`` steps). Returns (SoftPromptCaptioner, TrainResult)."""
+    from contextlib import nullcontext
+
+    from .backbones import load_llm
+    from .bridge import BridgeConfig, PrecomputedConnector, SoftPromptCaptioner, caption_loss
+
+    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    recipe = recipe or Stage2Recipe()
+    vision = load_vision_encoder(profile)
+    train_feats, train_ds = split_features(profile, "train", vision)
+    eval_feats, eval_ds = split_features(profile, eval_split, vision)
+    connector, width = stage2_connector(profile, recipe, vision)
+    llm = llm or load_llm(profile)
+    seed_everything(recipe.seed)       # the same projection init with or without stage 1
+    captioner = SoftPromptCaptioner(connector, width, llm, BridgeConfig(recipe.prompt, recipe.max_caption_tokens))
+    train_x, eval_x = train_feats.features, eval_feats.features
+    swap = nullcontext()
+    if recipe.freeze_qformer:
+        # A frozen Q-Former gives each photo the same query outputs at every step: compute them once.
+        train_x, eval_x = captioner.connector_outputs(train_x), captioner.connector_outputs(eval_x)
+        swap = captioner.using_connector(PrecomputedConnector(*train_x.shape[1:]))
+    eval_captions = captions_for(eval_feats, eval_ds)
+
+    def eval_fn(m):
+        return {f"{eval_split}_loss": caption_loss(m, eval_x, eval_captions)}
+
+    batches = caption_batches(train_x, captions_for(train_feats, train_ds), train_feats.image_ids, recipe.batch_size)
+    config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
+                         eval_every=recipe.eval_every, desc="stage 2")
+    with swap:
+        result = train(captioner, batches, lambda m, b: {"loss": m(b["image_embeds"], b["captions"])}, config,
+                       eval_fn=eval_fn)
+    return captioner.eval(), result
+
+
+def stage2_dir(profile: Profile, recipe: Stage2Recipe) -> Path:
+    return cache_dir("models") / f"stage2-{profile.name}-{recipe.key()}"
+
+
+def load_or_train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | None = None,
+                         retrain: bool = False, llm=None):
+    """The stage-2 captioner of this recipe: loaded if it was trained before, else trained and saved.
+
+    The folder (``stage2_dir``) holds model.safetensors and config.json (every weight but the frozen
+    LLM's, see ``SoftPromptCaptioner.save_pretrained``), recipe.json and history.json. Returns
+    (SoftPromptCaptioner, TrainResult); ``llm`` reuses an LLM already loaded for this profile.
+    """
+    import os
+    import shutil
+
+    from .backbones import load_llm
+    from .bridge import SoftPromptCaptioner
+
+    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    recipe = recipe or Stage2Recipe()
+    path = stage2_dir(profile, recipe)
+    if (path / "model.safetensors").is_file() and (path / "history.json").is_file() and not retrain:
+        history = json.loads((path / "history.json").read_text())
+        model = SoftPromptCaptioner.from_pretrained(path, llm or load_llm(profile))
+        return model.to(profile.device), TrainResult(**history)
+    model, result = train_stage2(profile, recipe, llm=llm)
+    tmp = path.with_name(path.name + ".partial")      # written aside, then renamed: never half a cache
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    (tmp / "history.json").write_text(json.dumps(asdict(result)))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return model, result

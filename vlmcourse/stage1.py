@@ -8,6 +8,8 @@ three losses for a batch of (cached image features, captions).
 from __future__ import annotations
 
 import json
+import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -200,16 +202,197 @@ class Stage1Model(nn.Module):
 
 
 @torch.no_grad()
-def retrieval(model: Stage1Model, features: torch.Tensor, captions: list[list[str]], ks=(1, 5, 10),
-              batch_size: int = 128) -> dict:
-    """Image->text and text->image Recall@K with the ITC similarity (max over queries)."""
-    from .clip import caption_image_index, recall_at_k
-
+def itc_features(model: Stage1Model, features: torch.Tensor, captions: list[list[str]],
+                 batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITC features of a whole split: (N, Q, E) per query for the images, (sum of captions, E) for the
+    captions, flattened image by image. Each side runs alone, as the ITC mask promises it can."""
     model.eval()
     image_feats = torch.cat([model.image_features(features[i:i + batch_size].float())
                              for i in range(0, len(features), batch_size)])
     flat = [c for caps in captions for c in caps]
     text_feats = torch.cat([model.text_features(*model.tokenize(flat[i:i + batch_size]))
                             for i in range(0, len(flat), batch_size)])
-    sim = L.itc_similarity(image_feats, text_feats)
-    return recall_at_k(sim.float().cpu(), caption_image_index([len(c) for c in captions]), ks)
+    return image_feats.float().cpu(), text_feats.float().cpu()
+
+
+@torch.no_grad()
+def retrieval(model: Stage1Model, features: torch.Tensor, captions: list[list[str]], ks=(1, 5, 10),
+              batch_size: int = 128) -> dict:
+    """Image->text and text->image Recall@K with the ITC similarity (max over queries)."""
+    from .clip import caption_image_index, recall_at_k
+
+    sim = L.itc_similarity(*itc_features(model, features, captions, batch_size))
+    return recall_at_k(sim, caption_image_index([len(c) for c in captions]), ks)
+
+
+# ---------------------------------------------------------------------------- looking inside (notebook 04)
+@contextmanager
+def recording_masks():
+    """Collect every self-attention mask the Q-Former builds inside the ``with`` block.
+
+    Yields a list that fills with ``(mask_type, mask)`` pairs, ``mask`` the (B, Q+T, Q+T) bool
+    tensor of ``qformer.self_attention_mask`` (True = may attend), in the order they were built.
+    Nothing else changes: the model computes exactly what it would without the recording.
+    """
+    from . import qformer as qformer_module
+
+    calls, build = [], qformer_module.self_attention_mask
+
+    def record(mask_type, num_query_tokens, attention_mask):
+        mask = build(mask_type, num_query_tokens, attention_mask)
+        calls.append((mask_type or "itm", mask.detach().cpu()))
+        return mask
+
+    qformer_module.self_attention_mask = record
+    try:
+        yield calls
+    finally:
+        qformer_module.self_attention_mask = build
+
+
+@torch.no_grad()
+def itm_score_groups(model: Stage1Model, features: torch.Tensor, captions: list[list[str]],
+                     generator: torch.Generator | None = None, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """P(match) of the ITM head for each image paired with three kinds of caption.
+
+    - ``matched``: one of its own captions, at random;
+    - ``random``: a caption of another image, uniformly;
+    - ``hard negative``: a caption of another image drawn as in training, in proportion to
+      softmax(ITC similarity / temperature) over the whole split (``losses.sample_hard_negatives``).
+
+    Returns {kind: (N,) tensor}, one score per image.
+    """
+    from .clip import caption_image_index
+
+    generator = generator or torch.Generator().manual_seed(0)
+    owner = caption_image_index([len(c) for c in captions])
+    n, flat = len(captions), [c for caps in captions for c in caps]
+    image_feats, text_feats = itc_features(model, features, captions)
+    is_positive = owner[None, :] == torch.arange(n)[:, None]                  # (N, all captions)
+    hard, _ = L.sample_hard_negatives(L.itc_similarity(image_feats, text_feats) / model.temp.detach().cpu(),
+                                      is_positive, generator)
+    picks = {"matched": torch.multinomial(is_positive.float(), 1, generator=generator).squeeze(1),
+             "random": torch.multinomial((~is_positive).float(), 1, generator=generator).squeeze(1),
+             "hard negative": hard}
+
+    def scores(caption_ids):
+        return torch.cat([model.itm_scores(features[i:i + batch_size].float(),
+                                           [flat[j] for j in caption_ids[i:i + batch_size].tolist()]).float().cpu()
+                          for i in range(0, n, batch_size)])
+
+    return {kind: scores(ids) for kind, ids in picks.items()}
+
+
+# ---------------------------------------------------------------------------- plots (notebook 04)
+def _smooth(values, window: int):
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < window:
+        return np.arange(len(values)), values
+    kernel = np.ones(window) / window
+    return np.arange(window - 1, len(values)), np.convolve(values, kernel, mode="valid")
+
+
+def plot_stage1_history(runs: dict, batch_size: int = 32, eval_split: str = "dev", n_eval_images: int | None = None,
+                        window: int = 10):
+    """The three loss curves of stage-1 runs and their Recall@5 on ``eval_split`` as training goes (2 x 2 panels).
+
+    ``runs``: {name: TrainResult} (``load_or_train_stage1``'s history). Thin lines are the raw
+    per-step losses, bold ones a ``window``-step moving average. Dashed lines are what a model that
+    has learned nothing scores: log B for ITC (a uniform guess over the batch) and the entropy of
+    1 match in 3 for ITM (a head that cannot tell the pairs apart).
+    """
+    import matplotlib.pyplot as plt
+
+    from .clip import chance_recall
+
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9.5))
+    axes = axes.flatten()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    blind = {"itc": (math.log(batch_size), f"uniform guess: log {batch_size}"),
+             "itm": (-(math.log(1 / 3) + 2 * math.log(2 / 3)) / 3, "blind head: 0.64")}
+    titles = {"itc": "ITC (contrastive)", "itm": "ITM (matching, hard negatives), zoomed in",
+              "itg": "ITG (captioning)"}
+    for ax, name in zip(axes, ("itc", "itm", "itg")):
+        for color, (label, run) in zip(colors, runs.items()):
+            values = run.column(name)
+            if not values:
+                continue
+            ax.plot(values, color=color, alpha=0.25, lw=1)
+            ax.plot(*_smooth(values, window), color=color, lw=2.5, label=label)
+        if name in blind:
+            value, text = blind[name]
+            ax.axhline(value, color="gray", ls="--", lw=1.5)
+            ax.text(ax.get_xlim()[1], value, text + " ", color="dimgray", ha="right", va="top")
+        ax.set(title=titles[name], xlabel="step", ylabel="loss")
+        if name != "itm":
+            ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    ax = axes[3]
+    for color, (label, run) in zip(colors, runs.items()):
+        steps = [s + 1 for s in run.column("step", "evals")]
+        for key, style in ((f"{eval_split}_i2t_r5", "-o"), (f"{eval_split}_t2i_r5", ":s")):
+            values = [100 * v for v in run.column(key, "evals")]
+            if values:
+                direction = "image→text" if "i2t" in key else "text→image"
+                ax.plot(steps, values, style, color=color, lw=2, ms=6, label=f"{label}, {direction}")
+    if n_eval_images:
+        chance = 100 * chance_recall(n_eval_images)["image->text"][5]
+        ax.axhline(chance, color="gray", ls="--", lw=1.5)
+        ax.text(0, chance, f" chance ≈ {chance:.0f}%", color="dimgray", va="bottom")
+    ax.set(title=f"Recall@5 on the {eval_split} split ({n_eval_images or 'all'} photos)", xlabel="step",
+           ylabel="Recall@5 (%)", ylim=(0, 100))
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=11, loc="lower right")
+    axes[0].legend(loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_itm_histograms(groups: dict, ax=None, bins: int = 20, value_range: tuple | None = (0, 1)):
+    """Overlaid histograms of ITM P(match), one per kind of pair (``itm_score_groups``).
+
+    ``value_range=None`` zooms in on the scores' own range. A dotted line marks 1/3, the answer of a
+    head that cannot tell pairs apart (1 match per 2 mismatches in training).
+    """
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(10, 4.8))[1]
+    colors = {"matched": "tab:green", "random": "tab:gray", "hard negative": "tab:red"}
+    if value_range is None:
+        every = torch.cat([torch.as_tensor(v).float() for v in groups.values()])
+        pad = 0.05 * float(every.max() - every.min()) + 1e-3
+        value_range = (float(every.min()) - pad, float(every.max()) + pad)
+    for kind, scores in groups.items():
+        scores = torch.as_tensor(scores).float()
+        ax.hist(scores.numpy(), bins=bins, range=value_range, alpha=0.45, color=colors.get(kind),
+                edgecolor="white", label=f"{kind} (mean {scores.mean():.2f})")
+    if value_range[0] <= 1 / 3 <= value_range[1]:
+        ax.axvline(1 / 3, color="black", ls=":", lw=1.5, label="blind head: 1/3")
+    ax.set(xlabel="ITM head: P(match)", ylabel="pairs", xlim=value_range)
+    ax.legend(fontsize=11)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def plot_captions(images, generated: list[str], references: list[str], ncols: int = 3, width: int = 40):
+    """Photos in a grid, each with the generated caption and a reference caption underneath."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    nrows = math.ceil(len(images) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 7.4 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, gen, ref in zip(axes.flat, images, generated, references):
+        ax.imshow(image)
+        ax.text(0, -0.03, textwrap.fill(f"ITG: {gen}", width), transform=ax.transAxes, va="top", fontsize=13,
+                color="navy", weight="bold")
+        lines = len(textwrap.wrap(f"ITG: {gen}", width))
+        ax.text(0, -0.06 - 0.05 * lines, textwrap.fill(f"ref: {ref}", width), transform=ax.transAxes, va="top",
+                fontsize=13, color="dimgray")
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.08, wspace=0.08, hspace=0.45)
+    return fig

@@ -1,0 +1,90 @@
+"""Choose notebook 05's stage-2 settings on the DEV split (the test split is never looked at here).
+
+Each setting trains a ``Stage2Recipe`` (frozen Q-Former: its query outputs are
+computed once, only the projection trains) and captions the 78 dev photos
+greedily. Printed per setting, one JSON line each: seconds of training and per
+step, the dev caption loss, distinct and empty captions, the mean P(EOS) at
+the first step, BLEU-4 and CIDEr-D. Nothing is cached (``train_stage2``, not
+``load_or_train_stage2``). On a shared machine pin the threads so runs do not
+fight: ``OMP_NUM_THREADS=1``. Run by hand:
+
+    python benchmarks/stage2_settings.py                      # the default sweep
+    python benchmarks/stage2_settings.py --only lr=3e-3 --seeds 0 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+from vlmcourse import get_profile
+from vlmcourse.backbones import load_llm
+from vlmcourse.bridge import evaluate_captions
+from vlmcourse.recipes import Stage2Recipe, captions_for, split_features, train_stage2
+
+CHAT = "A short caption of the photo:<|im_end|>\n<|im_start|>assistant\n"   # the instruct model's answer turn
+# an instruction with one example caption: the instruct LLM answers in that format and ends its turn with EOS
+EXAMPLE = "\nWrite a one-sentence caption for this photo, like: A dog runs on the grass.<|im_end|>\n<|im_start|>assistant\n"
+SHORT_EXAMPLE = "\nOne short caption, like: A dog runs on the grass.<|im_end|>\n<|im_start|>assistant\n"
+SWEEP = {
+    "lr=3e-4": dict(lr=3e-4),
+    "lr=1e-3": dict(lr=1e-3),
+    "lr=3e-3": dict(lr=3e-3),
+    "lr=1e-2": dict(lr=1e-2),
+    "lr=3e-3, no prompt": dict(lr=3e-3, prompt=""),
+    "lr=3e-3, chat prompt": dict(lr=3e-3, prompt=CHAT),
+    "lr=1e-2, chat prompt": dict(lr=1e-2, prompt=CHAT),
+    "lr=1e-3, chat prompt": dict(lr=1e-3, prompt=CHAT),
+    "lr=3e-3, example prompt": dict(lr=3e-3, prompt=EXAMPLE),
+    "lr=3e-3, short example prompt": dict(lr=3e-3, prompt=SHORT_EXAMPLE),
+    "lr=1e-3, example prompt": dict(lr=1e-3, prompt=EXAMPLE),
+    "lr=3e-3, example prompt, batch 8 x 2 steps": dict(lr=3e-3, prompt=EXAMPLE, batch_size=8, steps=None),
+    "lr=3e-3, batch 8 x 2 steps": dict(lr=3e-3, batch_size=8, steps=None),
+    "lr=3e-3, no stage 1": dict(lr=3e-3, stage1=None),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=45)
+    parser.add_argument("--only", nargs="*", help="names of SWEEP entries to run")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = parser.parse_args()
+
+    profile = get_profile()
+    llm = load_llm(profile)
+    feats, ds = split_features(profile, "dev")
+    references = captions_for(feats, ds)
+    for name, change in SWEEP.items():
+        if args.only and name not in args.only:
+            continue
+        for seed in args.seeds:
+            change = dict(change)
+            if change.get("steps", args.steps) is None:       # same number of captions seen as the batch-16 runs
+                change["steps"] = args.steps * 16 // change["batch_size"]
+            recipe = replace(Stage2Recipe(steps=args.steps, seed=seed), **change)
+            began = time.perf_counter()
+            model, result = train_stage2(profile, recipe, llm=llm)
+            trained = time.perf_counter() - began
+            began = time.perf_counter()
+            report = evaluate_captions(model, references, feats.features)
+            row = {"setting": name, "seed": seed, "steps": recipe.steps, "batch": recipe.batch_size,
+                   "train s (loop)": round(result.seconds, 1), "train s (with setup)": round(trained, 1),
+                   "s/step": round(result.seconds / recipe.steps, 2), "dev loss": round(result.evals[-1]["dev_loss"], 3),
+                   "last train loss": round(sum(result.column("loss")[-5:]) / 5, 3),
+                   **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k != "captions"},
+                   "eval s": round(time.perf_counter() - began, 1), "examples": report["captions"][:3],
+                   "threads": torch.get_num_threads(), "recipe": asdict(recipe) | {"stage1": recipe.stage1 is not None}}
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Stage 2 recipe on the tiny profile: trained once, saved (safetensors, no LLM weights), reloaded."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from vlmcourse import recipes
+from vlmcourse.backbones import load_llm
+from vlmcourse.bridge import QFormerConnector
+from vlmcourse.recipes import Stage1Recipe, Stage2Recipe, load_or_train_stage1, load_or_train_stage2, stage2_dir
+from vlmcourse.stage1 import Stage1Config
+from vlmcourse.utils import cache_dir
+
+STAGE1 = Stage1Recipe(steps=2, batch_size=4, eval_every=0, model=Stage1Config(num_query_tokens=4))
+RECIPE = Stage2Recipe(steps=3, batch_size=4, warmup_steps=1, lr=1e-2, stage1=STAGE1, num_query_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A Flickr8k folder (8 train, 2 dev, 2 test photos) and an empty model cache, shared by this module."""
+    root = tmp_path_factory.mktemp("tiny_world")
+    data, images = root / "flickr", root / "flickr" / "Images"
+    images.mkdir(parents=True)
+    names = [f"{2000 + i}_x.jpg" for i in range(12)]
+    rng = np.random.default_rng(0)
+    with open(data / "Flickr8k.token.txt", "w") as f:
+        for i, name in enumerate(names):
+            Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(images / name)
+            f.writelines(f"{name}#{k}\ta photo number {i} , caption {k}\n" for k in range(5))
+    for split, members in {"train": names[:8], "dev": names[8:10], "test": names[10:]}.items():
+        (data / f"Flickr_8k.{split}Images.txt").write_text("\n".join(members) + "\n")
+    llm_cache = cache_dir("llm")   # the tokenizer the tiny LLM borrows: converted once, not per test run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMCOURSE_DATA", str(data))
+        mp.setenv("VLMCOURSE_CACHE", str(root / "cache"))
+        (root / "cache").mkdir()
+        (root / "cache" / "llm").symlink_to(llm_cache)
+        yield root
+
+
+def test_stage2_is_trained_once_saved_without_the_llm_and_reloaded(tiny_world, monkeypatch):
+    stage1, _ = load_or_train_stage1("tiny", STAGE1)
+    model, result = load_or_train_stage2("tiny", RECIPE)
+    assert [row["step"] for row in result.history] == [0, 1, 2]
+    assert [e["step"] for e in result.evals] == [2] and result.evals[0]["dev_loss"] > 0
+    assert isinstance(model.connector, QFormerConnector) and not model.training   # the precomputed stand-in is gone
+    # frozen: only the projection learned; the handed-over Q-Former is stage 1's, untouched
+    assert not any(p.requires_grad for p in [*model.connector.parameters(), *model.llm_model.parameters()])
+    for name, p in stage1.qformer.state_dict().items():
+        assert torch.equal(p, model.connector.qformer.state_dict()[name]), name
+
+    path = stage2_dir(recipes.get_profile("tiny"), RECIPE)
+    assert {"config.json", "model.safetensors", "recipe.json", "history.json"} <= {p.name for p in path.iterdir()}
+    assert not path.with_name(path.name + ".partial").exists()
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    assert any(n.startswith("proj.") for n in names) and any(n.startswith("connector.qformer.") for n in names)
+    assert not any("llm" in n or "lm_head" in n and "qformer" not in n for n in names)   # no LLM weights
+    assert json.loads((path / "recipe.json").read_text())["stage1"]["steps"] == 2
+
+    monkeypatch.setattr(recipes, "train_stage2", lambda *a, **k: pytest.fail("retrained"))
+    again, history = load_or_train_stage2("tiny", RECIPE)
+    assert history.history == result.history and history.evals == result.evals
+    x = torch.randn(2, 16, 32)
+    assert torch.allclose(model.soft_prompts(x), again.soft_prompts(x), atol=1e-6)
+    assert model.generate(x, max_new_tokens=3) == again.generate(x, max_new_tokens=3)
+
+
+def test_fine_tuned_qformer_moves_and_a_fresh_one_starts_from_the_same_projection(tiny_world):
+    stage1, _ = load_or_train_stage1("tiny", STAGE1)
+    tuned, result = recipes.train_stage2("tiny", replace(RECIPE, freeze_qformer=False, steps=2))
+    assert all(p.requires_grad for p in tuned.connector.parameters()) and len(result.history) == 2
+    assert any(not torch.equal(p, tuned.connector.qformer.state_dict()[n])
+               for n, p in stage1.qformer.state_dict().items())
+
+    fresh = replace(RECIPE, stage1=None, steps=1, lr=0.0)
+    assert stage2_dir(recipes.get_profile("tiny"), fresh) != stage2_dir(recipes.get_profile("tiny"), RECIPE)
+    llm = load_llm("tiny")
+    model, _ = recipes.train_stage2("tiny", fresh, llm=llm)
+    handed, _ = recipes.train_stage2("tiny", replace(RECIPE, steps=1, lr=0.0), llm=llm)
+    assert model.num_soft_tokens == handed.num_soft_tokens == 4
+    assert torch.equal(model.proj.weight, handed.proj.weight)     # same seed: only the Q-Former differs
+    assert not torch.equal(model.connector.qformer.query_tokens, handed.connector.qformer.query_tokens)
+
+
+def test_recipe_key_follows_the_stage1_recipe():
+    a, b = Stage2Recipe(), Stage2Recipe(stage1=replace(Stage1Recipe(), seed=1))
+    assert a.key() != b.key() and a.key() == Stage2Recipe().key()
+    assert Stage2Recipe(stage1=None).key() != a.key()
