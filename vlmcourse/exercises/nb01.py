@@ -8,12 +8,9 @@ from __future__ import annotations
 import torch
 
 from vlmcourse.vit import patchify
+from vlmcourse.exercises import _not_attempted
 
 __all__ = ["check_sequence_length", "check_patchify", "check_patch_embedding_params"]
-
-
-def _not_attempted(how: str) -> None:
-    print(f"✎ Not attempted yet. {how}")
 
 
 def check_sequence_length(num_patches, seq_length, image_size: int = 384, patch_size: int = 16) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmcourse.clip import chance_recall, info_nce
+from vlmcourse.exercises import _not_attempted, _as_float
 
 __all__ = ["EXERCISE_SIMILARITY", "EXERCISE_TEMPERATURE", "check_info_nce", "check_chance_recall",
            "check_temperature_limit"]
@@ -22,21 +23,6 @@ EXERCISE_SIMILARITY = torch.tensor([
     [0.4, 0.3, 0.5],
 ])
 EXERCISE_TEMPERATURE = 0.5
-
-
-def _not_attempted(how: str) -> None:
-    print(f"✎ Not attempted yet. {how}")
-
-
-def _as_float(answer):
-    if isinstance(answer, torch.Tensor):
-        if answer.numel() != 1:
-            return None
-        answer = answer.item()
-    try:
-        return float(answer)
-    except (TypeError, ValueError):
-        return None
 
 
 def check_info_nce(answer, similarity: torch.Tensor = EXERCISE_SIMILARITY,

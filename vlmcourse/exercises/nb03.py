@@ -10,12 +10,9 @@ from __future__ import annotations
 import torch
 
 from vlmcourse.qformer import MASK_TYPES, Attention, QFormerConfig, self_attention_mask
+from vlmcourse.exercises import _not_attempted
 
 __all__ = ["check_itg_mask", "check_cross_attention_params", "check_masks_that_leak_text", "cross_attention_params"]
-
-
-def _not_attempted(how: str) -> None:
-    print(f"✎ Not attempted yet. {how}")
 
 
 # ----------------------------------------------------------------------------- exercise 1

@@ -11,6 +11,7 @@ import math
 import torch
 
 from vlmcourse import losses as L
+from vlmcourse.exercises import _not_attempted
 
 __all__ = ["EXERCISE_QUERIES", "EXERCISE_TEXTS", "EXERCISE_SITUATIONS", "EXERCISE_IMAGE_IDS", "EXERCISE_SIMILARITY",
            "EXERCISE_TEMPERATURE", "check_itc_similarity", "check_masks_for_situations", "check_never_sampled",
@@ -33,10 +34,6 @@ _SITUATION_MASKS = {"a": "itc", "b": "itm", "c": "itg"}
 EXERCISE_IMAGE_IDS = ["dog.jpg", "dog.jpg", "bike.jpg", "beach.jpg", "cat.jpg"]
 EXERCISE_SIMILARITY = torch.tensor([0.52, 0.47, 0.12, 0.35, -0.40])   # image 0 against texts 0..4 (cosines)
 EXERCISE_TEMPERATURE = 0.07
-
-
-def _not_attempted(how: str) -> None:
-    print(f"✎ Not attempted yet. {how}")
 
 
 # ----------------------------------------------------------------------------- exercise 1

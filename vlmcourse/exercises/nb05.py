@@ -6,6 +6,7 @@ tells you how to start when your answer is still ``None``; all return None
 """
 
 from __future__ import annotations
+from vlmcourse.exercises import _not_attempted
 
 IGNORE_INDEX = -100
 
@@ -19,10 +20,6 @@ EXERCISE_TEXT_LEN = 6            # the batch's longest caption + EOS is 6 tokens
 
 __all__ = ["EXERCISE_CAPTION_IDS", "EXERCISE_EOS", "EXERCISE_NUM_SOFT", "EXERCISE_PROMPT_IDS", "EXERCISE_TEXT_LEN",
            "check_labels", "check_projection_params", "check_encoder_decoder", "check_cacheable"]
-
-
-def _not_attempted(how: str) -> None:
-    print(f"✎ Not attempted yet. {how}")
 
 
 def _as_int_list(answer):

@@ -10,24 +10,10 @@ import math
 import torch
 
 from vlmcourse.viz import attention_centroid, attention_entropy, query_similarity
+from vlmcourse.exercises import _not_attempted, _as_float
 
 __all__ = ["TWO_HEADS", "two_heads_average_entropy", "check_head_average_entropy", "check_centroid",
            "check_map_reading", "query_alikeness", "check_most_diverse_layer"]
-
-
-def _not_attempted(how: str) -> None:
-    print(f"✎ Not attempted yet. {how}")
-
-
-def _as_float(answer):
-    if isinstance(answer, torch.Tensor):
-        if answer.numel() != 1:
-            return None
-        answer = answer.item()
-    try:
-        return float(answer)
-    except (TypeError, ValueError):
-        return None
 
 
 # ----------------------------------------------------------------------------- exercise 1
