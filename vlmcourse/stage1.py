@@ -367,8 +367,10 @@ def plot_itm_histograms(groups: dict, ax=None, bins: int = 20, value_range: tupl
         value_range = (float(every.min()) - pad, float(every.max()) + pad)
     for kind, scores in groups.items():
         scores = torch.as_tensor(scores).float()
-        ax.hist(scores.numpy(), bins=bins, range=value_range, alpha=0.45, color=colors.get(kind),
-                edgecolor="white", label=f"{kind} (mean {scores.mean():.2f})")
+        color = colors.get(kind)
+        ax.hist(scores.numpy(), bins=bins, range=value_range, alpha=0.25, color=color)
+        ax.hist(scores.numpy(), bins=bins, range=value_range, histtype="step", lw=2.5, color=color,
+                label=f"{kind} (mean {scores.mean():.2f})")
     if value_range[0] <= 1 / 3 <= value_range[1]:
         ax.axvline(1 / 3, color="black", ls=":", lw=1.5, label="blind head: 1/3")
     ax.set(xlabel="ITM head: P(match)", ylabel="pairs", xlim=value_range)
