@@ -166,3 +166,21 @@ def test_evaluate_captions_and_caption_loss(llm):
         manual = model(x[[0, 1, 1, 2]], ["a dog runs", "a red car", "a car", "two cats sleep"])
     assert caption_loss(model, x, refs, batch_size=64) == pytest.approx(float(manual), rel=1e-5)
     assert caption_loss(model, x, refs, batch_size=3) == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_clean_captions_and_no_extra_space_after_a_newline_prompt(llm):
+    from vlmcourse.bridge import BridgeConfig, clean_caption
+
+    assert clean_caption("A dog , running on the road .") == "A dog, running on the road."
+    assert clean_caption("a man 's hat is red") == "A man's hat is red."
+    assert clean_caption("Is it a dog ?") == "Is it a dog?"
+    chat = SoftPromptCaptioner(MeanPoolConnector((4, 4), 2), 32, llm,
+                               BridgeConfig(prompt="Caption:<|im_end|>\n<|im_start|>assistant\n", clean_captions=True))
+    ids = chat.caption_ids(["a dog runs ."])[0].tolist()
+    assert ids == llm.tokenizer("A dog runs.", add_special_tokens=False).input_ids + [chat.eos_id]
+    assert chat.prompt_ids.tolist().count(chat.eos_id) == 1        # <|im_end|> inside the prompt is an input...
+    _, _, labels = chat.build_inputs(torch.randn(1, 16, 32), ["a dog runs ."])
+    assert (labels == chat.eos_id).sum() == 1                      # ...never a label: one EOS, the caption's
+    plain = captioner(llm)
+    assert plain.caption_ids(["a dog runs ."])[0].tolist() == llm.tokenizer(
+        " a dog runs .", add_special_tokens=False).input_ids + [plain.eos_id]

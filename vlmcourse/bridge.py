@@ -27,6 +27,7 @@ LLM, which is loaded from the profile.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,18 @@ IGNORE_INDEX = -100
 class BridgeConfig:
     prompt: str = "A short caption of the photo:"
     max_caption_tokens: int = 32
+    clean_captions: bool = False     # "A dog runs ." -> "A dog runs." (see clean_caption)
+
+
+def clean_caption(caption: str) -> str:
+    """Flickr8k's captions are pre-tokenised ("A dog , running on grass ."), and some lack a final period.
+    Written as ordinary text ("A dog, running on grass.") they read like what the LLM was trained on, and every
+    caption ends the same way before its EOS."""
+    text = re.sub(r"\s+([.,;:!?'])", r"\1", " ".join(caption.split()))
+    text = re.sub(r"\s+(n't|'s|'re)\b", r"\1", text)
+    if text and text[-1] not in ".!?":
+        text += "."
+    return text[:1].upper() + text[1:]
 
 
 class MeanPoolConnector(nn.Module):
@@ -233,7 +246,8 @@ class SoftPromptCaptioner(nn.Module):
         sep = "" if self.config.prompt[-1:].isspace() else " "
         out = []
         for caption in captions:
-            ids = self.tokenizer(sep + caption.strip(), add_special_tokens=False).input_ids
+            text = clean_caption(caption) if self.config.clean_captions else caption.strip()
+            ids = self.tokenizer(sep + text, add_special_tokens=False).input_ids
             out.append(torch.tensor(ids[: self.config.max_caption_tokens] + [self.eos_id]))
         return out
 
@@ -258,8 +272,17 @@ class SoftPromptCaptioner(nn.Module):
         return embeds, attention_mask.to(self.device), labels.to(self.device)
 
     def forward(self, image_embeds: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Mean LM loss over the caption tokens and EOS (as ``llm(..., labels=labels).loss``).
+
+        Only the positions whose next token is labelled go through the LM head (``logits_to_keep``):
+        the vocabulary projection of the soft-prompt, prompt and padding positions would be thrown away.
+        """
         embeds, attention_mask, labels = self.build_inputs(image_embeds, captions)
-        return self.llm_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
+        targets = labels[:, 1:]                                    # position i predicts token i + 1
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = targets != IGNORE_INDEX
+        logits = self.llm_model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep).logits
+        return nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX])
 
     def prefix_embeds(self, image_embeds: torch.Tensor | None = None,
                       soft_prompts: torch.Tensor | None = None) -> torch.Tensor:

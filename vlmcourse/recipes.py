@@ -112,6 +112,7 @@ class Stage2Recipe:
     warmup_steps: int = 5
     prompt: str = "A short caption of the photo:"
     max_caption_tokens: int = 32
+    clean_captions: bool = True     # "A dog runs ." -> "A dog runs." (bridge.clean_caption)
     freeze_qformer: bool = True
     seed: int = 0
     stage1: Stage1Recipe | None = field(default_factory=Stage1Recipe)
@@ -120,6 +121,13 @@ class Stage2Recipe:
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def bridge_config(recipe: Stage2Recipe):
+    """The ``BridgeConfig`` (prompt, caption length, caption cleaning) of a stage-2 recipe."""
+    from .bridge import BridgeConfig
+
+    return BridgeConfig(recipe.prompt, recipe.max_caption_tokens, recipe.clean_captions)
 
 
 def stage2_connector(profile: Profile, recipe: Stage2Recipe, vision=None):
@@ -146,7 +154,7 @@ def train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | No
     from contextlib import nullcontext
 
     from .backbones import load_llm
-    from .bridge import BridgeConfig, PrecomputedConnector, SoftPromptCaptioner, caption_loss
+    from .bridge import PrecomputedConnector, SoftPromptCaptioner, caption_loss
 
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     recipe = recipe or Stage2Recipe()
@@ -156,7 +164,7 @@ def train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | No
     connector, width = stage2_connector(profile, recipe, vision)
     llm = llm or load_llm(profile)
     seed_everything(recipe.seed)       # the same projection init with or without stage 1
-    captioner = SoftPromptCaptioner(connector, width, llm, BridgeConfig(recipe.prompt, recipe.max_caption_tokens))
+    captioner = SoftPromptCaptioner(connector, width, llm, bridge_config(recipe))
     train_x, eval_x = train_feats.features, eval_feats.features
     swap = nullcontext()
     if recipe.freeze_qformer:
