@@ -23,9 +23,9 @@ import torch
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm
 from vlmcourse.bridge import evaluate_captions
-from vlmcourse.recipes import Stage2Recipe, captions_for, split_features, train_stage2
+from vlmcourse.recipes import CHAT_PROMPT, Stage2Recipe, captions_for, split_features, train_stage2
 
-CHAT = "A short caption of the photo:<|im_end|>\n<|im_start|>assistant\n"   # the instruct model's answer turn
+CHAT = CHAT_PROMPT
 # an instruction with one example caption: the instruct LLM answers in that format and ends its turn with EOS
 EXAMPLE = "\nWrite a one-sentence caption for this photo, like: A dog runs on the grass.<|im_end|>\n<|im_start|>assistant\n"
 SHORT_EXAMPLE = "\nOne short caption, like: A dog runs on the grass.<|im_end|>\n<|im_start|>assistant\n"
@@ -48,12 +48,16 @@ SWEEP = {
     "lr=3e-3, example prompt, batch 8 x 2 steps": dict(lr=3e-3, prompt=EXAMPLE, batch_size=8, steps=None),
     "lr=3e-3, batch 8 x 2 steps": dict(lr=3e-3, batch_size=8, steps=None),
     "lr=3e-3, no stage 1": dict(lr=3e-3, stage1=None),
+    "lr=1e-3, chat prompt, Q-Former trained": dict(lr=1e-3, prompt=CHAT, freeze_qformer=False),
+    "lr=3e-4, chat prompt, Q-Former trained": dict(lr=3e-4, prompt=CHAT, freeze_qformer=False),
+    "lr=1e-3, chat prompt, Q-Former trained, batch 8 x 2 steps": dict(lr=1e-3, prompt=CHAT, freeze_qformer=False,
+                                                                     batch_size=8, steps=None),
 }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=45)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--only", nargs="*", help="names of SWEEP entries to run")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")

@@ -16,7 +16,8 @@ from vlmcourse.stage1 import Stage1Config
 from vlmcourse.utils import cache_dir
 
 STAGE1 = Stage1Recipe(steps=2, batch_size=4, eval_every=0, model=Stage1Config(num_query_tokens=4))
-RECIPE = Stage2Recipe(steps=3, batch_size=4, warmup_steps=1, lr=1e-2, stage1=STAGE1, num_query_tokens=4)
+RECIPE = Stage2Recipe(steps=3, batch_size=4, warmup_steps=1, lr=1e-2, stage1=STAGE1, num_query_tokens=4,
+                      freeze_qformer=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,4 +3,13 @@ from .profiles import Profile, get_profile
 from .utils import cache_dir, peak_memory_mb, seed_everything, show_table
 
 __version__ = "0.1.0"
-__all__ = ["Profile", "get_profile", "cache_dir", "peak_memory_mb", "seed_everything", "show_table"]
+__all__ = ["Profile", "get_profile", "cache_dir", "peak_memory_mb", "seed_everything", "show_table", "caption"]
+
+
+def __getattr__(name: str):
+    # vlmcourse.caption(images, model_dir) without importing the captioner (peft, transformers) with the package
+    if name == "caption":
+        from .captioner import caption
+
+        return caption
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

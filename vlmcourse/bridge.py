@@ -12,7 +12,13 @@ has label -100.
 
 Padding goes on the right and is masked *by position*: SmolLM2's pad and EOS
 are the same id, so masking labels by pad id would delete the real EOS and the
-model would never learn to stop.
+model would never learn to stop. ``BridgeConfig(padding=...)`` keeps the two
+classic mistakes, to reproduce them on purpose (notebook 06):
+
+    "left_unmasked":  [Q] [prompt] [pad pad] [caption] [EOS]   pads attended and labelled:
+                      after the prompt comes EOS, so the model learns to stop at once (empty captions)
+    "mask_by_pad_id": [Q] [prompt] [caption] [EOS] [pad pad]   every label equal to the pad id is -100,
+                      the real EOS included: the model never learns to stop
 
 This is BLIP-2's decoder-only recipe (OPT). In the encoder-decoder recipe
 (FlanT5) the soft prompts and the prompt go to the encoder and the caption is
@@ -36,6 +42,7 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
+PADDINGS = ("right", "left_unmasked", "mask_by_pad_id")   # the correct label layout, then two traps
 
 
 @dataclass
@@ -43,6 +50,11 @@ class BridgeConfig:
     prompt: str = "A short caption of the photo:"
     max_caption_tokens: int = 32
     clean_captions: bool = False     # "A dog runs ." -> "A dog runs." (see clean_caption)
+    padding: str = "right"           # "right" (correct); "left_unmasked", "mask_by_pad_id": the traps above
+
+    def __post_init__(self):
+        if self.padding not in PADDINGS:
+            raise ValueError(f"unknown padding {self.padding!r}: choose one of {PADDINGS}")
 
 
 def clean_caption(caption: str) -> str:
@@ -180,6 +192,7 @@ class SoftPromptCaptioner(nn.Module):
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the LLM's tokenizer has no EOS token: captions could never end")
         self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.eos_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
         self.prompt_ids = self.tokenizer(self.config.prompt, add_special_tokens=False,
                                          return_tensors="pt").input_ids[0]
 
@@ -252,7 +265,8 @@ class SoftPromptCaptioner(nn.Module):
         return out
 
     def build_inputs(self, image_embeds: torch.Tensor, captions: list[str]):
-        """inputs_embeds, attention_mask and labels for teacher-forced training (right-padded)."""
+        """inputs_embeds, attention_mask and labels for teacher-forced training (right-padded, unless
+        ``config.padding`` asks for one of the traps)."""
         if len(captions) != image_embeds.shape[0]:
             raise ValueError(f"{image_embeds.shape[0]} images but {len(captions)} captions")
         soft = self.soft_prompts(image_embeds)                          # (B, Q, H)
@@ -260,15 +274,24 @@ class SoftPromptCaptioner(nn.Module):
         prompt = self._embed(self.prompt_ids).expand(b, -1, -1)        # (B, P, H)
         caps = self.caption_ids(captions)
         t = max(len(c) for c in caps)
-        ids = torch.full((b, t), self.eos_id, dtype=torch.long)        # the pad id is irrelevant: masked below
+        padding = self.config.padding
+        pad_id = self.eos_id if padding == "right" else self.pad_id     # right: irrelevant, masked below
+        ids = torch.full((b, t), pad_id, dtype=torch.long)
         text_mask = torch.zeros(b, t, dtype=torch.long)
         for i, c in enumerate(caps):
-            ids[i, : len(c)], text_mask[i, : len(c)] = c, 1
+            span = slice(t - len(c), t) if padding == "left_unmasked" else slice(0, len(c))
+            ids[i, span], text_mask[i, span] = c, 1
+        if padding == "left_unmasked":            # trap: the pads are attended to and labelled
+            text_mask, text_labels = torch.ones_like(text_mask), ids
+        elif padding == "mask_by_pad_id":         # trap: masks the real EOS too when pad == EOS
+            text_labels = ids.masked_fill(ids == pad_id, IGNORE_INDEX)
+        else:
+            text_labels = ids.masked_fill(text_mask == 0, IGNORE_INDEX)
         dtype = self._llm_dtype       # as text embeddings enter the LLM (also under autocast)
         embeds = torch.cat([soft.to(dtype), prompt.to(dtype), self._embed(ids).to(dtype)], dim=1)
         prefix = q + prompt.shape[1]
         attention_mask = torch.cat([torch.ones(b, prefix, dtype=torch.long), text_mask], dim=1)
-        labels = torch.cat([torch.full((b, prefix), IGNORE_INDEX), ids.masked_fill(text_mask == 0, IGNORE_INDEX)], 1)
+        labels = torch.cat([torch.full((b, prefix), IGNORE_INDEX), text_labels], 1)
         return embeds, attention_mask.to(self.device), labels.to(self.device)
 
     def forward(self, image_embeds: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -299,7 +322,7 @@ class SoftPromptCaptioner(nn.Module):
                           soft_prompts: torch.Tensor | None = None) -> torch.Tensor:
         """(B, vocab) distribution of the first caption token: P(EOS) here diagnoses empty captions."""
         embeds = self.prefix_embeds(image_embeds, soft_prompts)
-        logits = self.llm_model(inputs_embeds=embeds).logits[:, -1]
+        logits = self.llm_model(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1]   # not (B, T, vocab)
         return logits.float().softmax(-1)
 
     @torch.no_grad()
@@ -425,3 +448,50 @@ def plot_caption_gallery(images, captions: dict[str, list[str]], ncols: int = 4,
         ax.set_xlabel(text, loc="left", fontsize=11.5, linespacing=1.15)
     fig.tight_layout()
     return fig
+
+
+def plot_input_layout(captioner: SoftPromptCaptioner, image_embeds: torch.Tensor, captions: list[str], ax=None,
+                      max_prompt_cells: int = 12):
+    """What the LLM reads in training, from ``build_inputs`` itself: one strip per caption, one cell per position,
+    coloured by kind, with the input token above and the label below (``·`` = -100, ignored by the loss).
+
+    The Q soft prompts are drawn as one wide cell, and a long prompt by its last ``max_prompt_cells`` tokens.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    _, attention_mask, labels = captioner.build_inputs(image_embeds, captions)
+    q, p = captioner.num_soft_tokens, len(captioner.prompt_ids)
+    colors = {"soft prompt": "#9ecae1", "prompt": "#fdd0a2", "caption": "#a1d99b", "EOS": "#e6550d", "padding": "#d9d9d9"}
+    shown_prompt = list(range(max(0, p - max_prompt_cells), p))
+    width = 3 + (1 if shown_prompt[0] > 0 else 0) + len(shown_prompt) + labels.shape[1] - q - p
+    ax = ax or plt.subplots(figsize=(max(10, 0.62 * width), 1.5 * len(captions) + 0.8))[1]
+
+    def token(i: int) -> str:
+        text = captioner.tokenizer.decode([i])
+        return repr(text)[1:-1] if text.strip() != text or not text else text
+
+    for r in range(len(captions)):
+        y = len(captions) - 1 - r
+        cells = [(3, "soft prompt", f"{q} soft prompts", "·" * 3)]
+        if shown_prompt[0] > 0:
+            cells.append((1, "prompt", "…", "·"))
+        cells += [(1, "prompt", token(int(captioner.prompt_ids[j])), "·") for j in shown_prompt]
+        for pos in range(q + p, labels.shape[1]):
+            label, real = int(labels[r, pos]), bool(attention_mask[r, pos])
+            kind = "padding" if not real else "EOS" if label == captioner.eos_id else "caption"
+            cells.append((1, kind, "EOS" if kind != "caption" else token(label),
+                          "·" if label == IGNORE_INDEX else "EOS" if kind == "EOS" else str(label)))
+        x = 0
+        for w, kind, above, below in cells:
+            ax.add_patch(Rectangle((x, y), w - 0.06, 0.55, color=colors[kind]))
+            ax.text(x + (w - 0.06) / 2, y + 0.28, above, ha="center", va="center", fontsize=9, rotation=0 if w > 1 else 60)
+            ax.text(x + (w - 0.06) / 2, y - 0.12, below, ha="center", va="center", fontsize=8,
+                    color="black" if below != "·" else "gray")
+            x += w
+    ax.set(xlim=(-0.2, width + 0.2), ylim=(-0.5, len(captions)), xticks=[], yticks=[])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], ncol=5, loc="upper center",
+              bbox_to_anchor=(0.5, 1.0 + 0.35 / len(captions)), frameon=False)
+    return ax

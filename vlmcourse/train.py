@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .utils import release_memory
+
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; the message gives the step and the values."""
@@ -126,6 +128,8 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
         with autocast():
             losses = loss_fn(model, batch)
         check_finite(losses, step)
+        if step % 10 == 0:
+            release_memory()
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(losses["loss"])
         if config.max_grad_norm:
@@ -144,6 +148,8 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
         if ckpt and ((config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or last):
             save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, step + 1, result, config)
     model.eval()
+    accelerator.free_memory()       # drop the optimizer's state now: a notebook trains several models in a row
+    release_memory()
     return result
 
 

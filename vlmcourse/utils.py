@@ -41,3 +41,16 @@ def show_table(rows, columns=None, digits: int = 3, index: str | None = None):
 
     frame = pd.DataFrame(rows, columns=columns).round(digits)
     return frame.set_index(index) if index else frame
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and a notebook that
+    trains a few models in a row would show the peak of all of them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc (macOS, Windows, musl): nothing to do
+        pass
