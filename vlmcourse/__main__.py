@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import doctor
 
         return doctor(args.profile, args.data)
+    from transformers.utils import logging as hf_logging
+
     from .profiles import HubUnavailableError
+
+    hf_logging.disable_progress_bar()       # no "Loading weights" bar between the command's own lines
 
     command = {"train": train_captioner_command, "caption": caption_command, "evaluate": evaluate_command}
     try:
