@@ -62,6 +62,9 @@ def test_generate_and_first_token_probs(llm):
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
     probs = model.first_token_probs(x)
     assert probs.shape == (3, len(llm.tokenizer)) and torch.allclose(probs.sum(-1), torch.ones(3))
+    first = []      # the same distribution, read off generate's own first step (two batches)
+    assert model.generate(x, max_new_tokens=4, batch_size=2, first_step_probs=first) == captions
+    assert torch.allclose(torch.cat(first), probs, atol=1e-5)
 
 
 def test_shape_errors(llm):

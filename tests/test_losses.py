@@ -56,6 +56,19 @@ def test_itg_inputs_replace_cls_and_ignore_padding():
     assert labels.tolist() == [[1, 7, 8, 102, -100], [1, 9, 102, -100, -100]]
 
 
+
+def test_itg_loss_through_the_head_on_labelled_positions_only_is_the_same_loss():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11)
+    hidden = torch.randn(2, 5, 8)
+    labels = torch.tensor([[1, 7, 8, 3, -100], [1, 9, -100, -100, -100]])
+    full = L.itg_loss(head(hidden), labels, label_smoothing=0.1)
+    assert torch.allclose(L.itg_loss(hidden, labels, label_smoothing=0.1, lm_head=head), full, atol=1e-6)
+    kept = []
+    head.register_forward_hook(lambda m, i, o: kept.append(i[0].shape[0]))
+    L.itg_loss(hidden, labels, lm_head=head)
+    assert kept == [4]       # 3 + 1 positions predict a label; padding never reaches the head
+
 @pytest.fixture(scope="module")
 def text():
     return load_text_encoder("tiny")

@@ -327,15 +327,25 @@ class SoftPromptCaptioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, image_embeds: torch.Tensor | None = None, max_new_tokens: int = 30, num_beams: int = 1,
-                 soft_prompts: torch.Tensor | None = None, batch_size: int | None = None, **kwargs) -> list[str]:
-        """Captions for a batch of image features, or of soft prompts (greedy by default)."""
+                 soft_prompts: torch.Tensor | None = None, batch_size: int | None = None,
+                 first_step_probs: list | None = None, **kwargs) -> list[str]:
+        """Captions for a batch of image features, or of soft prompts (greedy by default).
+
+        ``first_step_probs``: a list that receives, per batch, the (B, vocab) distribution of the first
+        caption token (what ``first_token_probs`` computes), read off the same forward pass for free.
+        """
         source = image_embeds if soft_prompts is None else soft_prompts
         if batch_size and source is not None and len(source) > batch_size:
             return [c for i in range(0, len(source), batch_size) for c in self.generate(
                 None if image_embeds is None else image_embeds[i:i + batch_size], max_new_tokens, num_beams,
-                None if soft_prompts is None else soft_prompts[i:i + batch_size], **kwargs)]
+                None if soft_prompts is None else soft_prompts[i:i + batch_size],
+                first_step_probs=first_step_probs, **kwargs)]
         embeds = self.prefix_embeds(image_embeds, soft_prompts)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        if first_step_probs is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([_FirstStepProbs(first_step_probs)])
         out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       num_beams=num_beams, do_sample=False, eos_token_id=self.eos_id,
                                       pad_token_id=self.eos_id, **kwargs)
@@ -381,6 +391,19 @@ class SoftPromptCaptioner(nn.Module):
         return model.eval()
 
 
+class _FirstStepProbs:
+    """A logits processor that keeps the softmax of the first generation step and changes nothing."""
+
+    def __init__(self, into: list):
+        self.into, self.called = into, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.called:
+            self.into.append(scores.float().softmax(-1))
+            self.called = True
+        return scores
+
+
 @torch.no_grad()
 def caption_loss(captioner: SoftPromptCaptioner, image_embeds: torch.Tensor, captions: list[list[str]] | list[str],
                  batch_size: int = 64) -> float:
@@ -416,12 +439,10 @@ def evaluate_captions(captioner: SoftPromptCaptioner, references: list[list[str]
         one = evaluate_captions(captioner, references[:1], soft_prompts=soft_prompts, max_new_tokens=max_new_tokens)
         captions = one["captions"] * len(references)
         return {**one, "captions": captions, **caption_metrics(captions, references)}
-    captions = captioner.generate(image_embeds, max_new_tokens, soft_prompts=soft_prompts, batch_size=batch_size)
-    source = image_embeds if soft_prompts is None else soft_prompts
-    p_eos = torch.cat([captioner.first_token_probs(
-        None if image_embeds is None else image_embeds[i:i + batch_size],
-        None if soft_prompts is None else soft_prompts[i:i + batch_size])[:, captioner.eos_id].cpu()
-        for i in range(0, len(source), batch_size)])
+    first = []
+    captions = captioner.generate(image_embeds, max_new_tokens, soft_prompts=soft_prompts, batch_size=batch_size,
+                                  first_step_probs=first)
+    p_eos = torch.cat([probs[:, captioner.eos_id].cpu() for probs in first])
     stats = caption_stats(captions)
     return {"captions": captions, "distinct": stats["distinct"], "empty": stats["empty"],
             "P(EOS) first": float(p_eos.mean()), **caption_metrics(captions, references)}

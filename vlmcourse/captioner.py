@@ -102,8 +102,11 @@ class CaptionerRecipe:
     @classmethod
     def cli_default(cls) -> "CaptionerRecipe":
         """The settings of ``python -m vlmcourse train captioner``: a longer run than the notebooks can afford
-        (``CLI_TRAINING_TIME``), from notebook 04's stage-1 Q-Former (reused from the cache when present)."""
-        return cls(connector="qformer", lora=LoraSettings(), stage2=replace(NOTEBOOK_STAGE2, steps=460, warmup_steps=20))
+        (``CLI_TRAINING_TIME``): notebook 06's recipe with 460 steps of 16 captions, from a stage-1 Q-Former
+        trained 120 steps (notebook 04's recipe, longer; reused from the cache when present)."""
+        stage1 = replace(Stage1Recipe(), steps=120)
+        return cls(connector="qformer", lora=LoraSettings(),
+                   stage2=replace(NOTEBOOK_STAGE2, steps=460, warmup_steps=20, batch_size=16, stage1=stage1))
 
     def with_overrides(self, steps: int | None = None, seed: int | None = None,
                        stage1_steps: int | None = None) -> "CaptionerRecipe":

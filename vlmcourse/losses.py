@@ -98,9 +98,17 @@ def itg_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_
     return decoder_ids, labels
 
 
-def itg_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts label t+1 (BLIP-2 smooths labels by 0.1)."""
-    shifted_logits = logits[:, :-1].float()
+def itg_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1,
+             lm_head: torch.nn.Module | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts label t+1 (BLIP-2 smooths labels by 0.1).
+
+    With ``lm_head``, ``logits`` are the decoder's hidden states and only the positions that predict a
+    label go through the head: the same loss, without projecting padding onto the whole vocabulary.
+    """
+    shifted_logits = logits[:, :-1]
     shifted_labels = labels[:, 1:]
-    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
+    if lm_head is not None:
+        keep = shifted_labels != IGNORE_INDEX
+        shifted_logits, shifted_labels = lm_head(shifted_logits[keep]), shifted_labels[keep]
+    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]).float(), shifted_labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)

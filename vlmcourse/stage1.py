@@ -149,7 +149,8 @@ class Stage1Model(nn.Module):
             decoder_ids, labels = L.itg_inputs(input_ids, attention_mask, self.bos_id)
             gen = self.qformer(image_embeds=image_embeds, input_ids=decoder_ids, attention_mask=attention_mask,
                                mask_type=L.MASK_FOR_LOSS["itg"])
-            out["itg"] = L.itg_loss(self.qformer.lm_head(gen.text_output), labels, self.config.itg_label_smoothing)
+            out["itg"] = L.itg_loss(gen.text_output, labels, self.config.itg_label_smoothing,
+                                    lm_head=self.qformer.lm_head)
 
         out["loss"] = sum(out.values())
         return out

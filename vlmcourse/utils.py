@@ -63,7 +63,12 @@ def notebook_figures(dpi: int = 80) -> None:
 
     plt.rcParams.update({"font.size": 13, "axes.titlesize": 14, "figure.dpi": dpi})
     try:
+        from IPython import get_ipython
         from matplotlib_inline.backend_inline import set_matplotlib_formats
     except ImportError:          # not in Jupyter: nothing to set
         return
+    shell = get_ipython()
+    if shell is not None and "matplotlib_inline" not in plt.get_backend():
+        # e.g. MPLBACKEND=Agg in CI would leave plt.show() silent and the saved notebook without figures
+        shell.run_line_magic("matplotlib", "inline")
     set_matplotlib_formats("jpeg")
