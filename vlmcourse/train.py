@@ -129,7 +129,7 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
             losses = loss_fn(model, batch)
         check_finite(losses, step)
         if step % 10 == 0:
-            release_memory()
+            release_memory(collect=False)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(losses["loss"])
         if config.max_grad_norm:
