@@ -136,9 +136,8 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         row = {"step": step, "lr": optimizer.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in losses.items()}}
-        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr")}, refresh=False)
-        row["seconds"] = time.perf_counter() - began   # elapsed at the end of this step, before any evaluation
         result.history.append(row)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr")}, refresh=False)
         last = step == config.steps - 1
         if eval_fn and ((config.eval_every and (step + 1) % config.eval_every == 0) or last):
             model.eval()
