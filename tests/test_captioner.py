@@ -172,6 +172,15 @@ def test_train_captioner_saves_bridge_and_lora_but_no_llm_weights(trained, llm):
     assert CaptionerRecipe.from_dict(config["recipe"]).key() == RECIPE.key()
 
 
+def test_training_without_the_dev_evaluation_trains_the_same_weights(trained, llm):
+    model, result, _ = trained
+    quiet, quiet_result = C.train_captioner("tiny", RECIPE, llm=llm, eval_split=None)
+    assert quiet_result.evals == [] and len(quiet_result.history) == len(result.history)
+    assert [r["loss"] for r in quiet_result.history] == [r["loss"] for r in result.history]
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(quiet.first_token_probs(x), model.first_token_probs(x))
+
+
 def test_save_then_load_gives_the_same_model_and_the_lora_weights_matter(trained, llm):
     model, _, path = trained
     x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))

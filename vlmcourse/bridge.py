@@ -43,6 +43,9 @@ from torch import nn
 
 IGNORE_INDEX = -100
 PADDINGS = ("right", "left_unmasked", "mask_by_pad_id")   # the correct label layout, then two traps
+# Photos captioned per generate() call: a decoding step costs a 2-core CPU nearly as much for 12 rows as for 64,
+# so the 76 test photos in one batch take 40% less time than in two.
+GENERATION_BATCH = 128
 
 
 @dataclass
@@ -424,7 +427,7 @@ def caption_loss(captioner: SoftPromptCaptioner, image_embeds: torch.Tensor, cap
 @torch.no_grad()
 def evaluate_captions(captioner: SoftPromptCaptioner, references: list[list[str]],
                       image_embeds: torch.Tensor | None = None, soft_prompts: torch.Tensor | None = None,
-                      max_new_tokens: int = 30, batch_size: int = 64) -> dict:
+                      max_new_tokens: int = 30, batch_size: int = GENERATION_BATCH) -> dict:
     """Greedy captions for every image and how good and varied they are.
 
     Give image features, or soft prompts (zeroed, swapped, ...); a single (1, Q, H) soft prompt stands

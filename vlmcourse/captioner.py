@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .bridge import MeanPoolConnector, PatchConnector, SoftPromptCaptioner, evaluate_captions
+from .bridge import GENERATION_BATCH, MeanPoolConnector, PatchConnector, SoftPromptCaptioner, evaluate_captions
 from .profiles import Profile, get_profile
 from .recipes import (Stage1Recipe, Stage2Recipe, bridge_config, captions_for, fit_captioner, save_trained,
                       split_features, stage2_connector)
@@ -43,7 +43,8 @@ from .train import TrainResult
 from .utils import cache_dir, seed_everything
 
 # How long ``python -m vlmcourse train captioner`` takes with CaptionerRecipe.cli_default() (shown in --help).
-CLI_TRAINING_TIME = "about 25 minutes on a quiet 2-core CPU (48 measured while other jobs shared it)"
+CLI_TRAINING_TIME = ("about 25 minutes on a quiet 2-core CPU with bf16 (AVX512-BF16 or AMX; 48 measured while other "
+                     "jobs shared it), about 3 times longer on one without (AVX2 only: float32)")
 ADAPTER_FILE = "adapter_model.safetensors"     # PEFT's name for the LoRA weights
 CONNECTORS = ("qformer", "meanpool", "linear")
 # Notebook 06's captioner settings, chosen on the dev split (40 steps, one seed): with LoRA the LLM itself adapts, so
@@ -263,9 +264,10 @@ def build_connector(profile: Profile, recipe: CaptionerRecipe, vision) -> tuple[
 
 
 def train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecipe | None = None, llm=None,
-                    eval_split: str = "dev") -> tuple[Captioner, TrainResult]:
+                    eval_split: str | None = "dev") -> tuple[Captioner, TrainResult]:
     """Train a captioner on cached image features of the train split (stage 2's loop, ``recipes.fit_captioner``),
-    with the ``eval_split`` caption loss at the end. ``llm`` (``load_llm(profile)``) is shared, not modified."""
+    with the ``eval_split`` caption loss at the end (None: no evaluation). ``llm`` (``load_llm(profile)``) is
+    shared, not modified."""
     from .backbones import load_llm, load_vision_encoder
 
     profile, recipe = _profile(profile), recipe or CaptionerRecipe()
@@ -284,15 +286,17 @@ def captioner_dir(profile: Profile, recipe: CaptionerRecipe) -> Path:
 
 
 def load_or_train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecipe | None = None,
-                            retrain: bool = False, llm=None) -> tuple[Captioner, TrainResult]:
-    """The captioner of this recipe: loaded from ``captioner_dir`` if it was trained before, else trained and
+                            retrain: bool = False, llm=None, eval_split: str | None = "dev"
+                            ) -> tuple[Captioner, TrainResult]:
+    """The captioner of this recipe: loaded from ``captioner_dir`` if it was trained before, else trained (with
+    the ``eval_split`` caption loss at the end; None skips it, e.g. for runs only scored by their captions) and
     saved there (written aside, then renamed)."""
     profile, recipe = _profile(profile), recipe or CaptionerRecipe()
     path = captioner_dir(profile, recipe)
     if (path / "config.json").is_file() and (path / "history.json").is_file() and not retrain:
         history = json.loads((path / "history.json").read_text())
         return Captioner.from_pretrained(path, llm, profile), TrainResult(**history)
-    model, result = train_captioner(profile, recipe, llm)
+    model, result = train_captioner(profile, recipe, llm, eval_split)
     save_trained(model, recipe, result, path)
     return model, result
 
@@ -313,7 +317,7 @@ def blank_image_features(vision, color: tuple[int, int, int] = (128, 128, 128)) 
 
 @torch.no_grad()
 def swapped_image_captions(model: SoftPromptCaptioner, image_embeds: torch.Tensor, captions: list[str] | None = None,
-                           shift: int = 1, max_new_tokens: int = 30, batch_size: int = 64) -> dict:
+                           shift: int = 1, max_new_tokens: int = 30, batch_size: int = GENERATION_BATCH) -> dict:
     """Caption each photo from another photo's soft prompts (photo i gets photo i - ``shift``'s).
 
     Returns {"captions": the swapped captions, "changed": the fraction of photos whose caption differs from

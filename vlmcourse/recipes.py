@@ -89,12 +89,11 @@ def load_or_train_stage1(profile: Profile | str | None = None, recipe: Stage1Rec
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     recipe = recipe or Stage1Recipe()
     path = stage1_dir(profile, recipe)
-    if (path / "model.safetensors").is_file() and not retrain:
+    if (path / "model.safetensors").is_file() and (path / "history.json").is_file() and not retrain:
         history = json.loads((path / "history.json").read_text())
         return Stage1Model.from_pretrained(path).to(profile.device), TrainResult(**history)
     model, result = train_stage1(profile, recipe)
-    model.save_pretrained(path)
-    (path / "history.json").write_text(json.dumps(asdict(result)))
+    save_trained(model, recipe, result, path)
     return model, result
 
 
@@ -176,29 +175,33 @@ def train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | No
     return captioner.eval(), result
 
 
-def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split: str = "dev", vision=None,
+def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split: str | None = "dev", vision=None,
                   desc: str = "stage 2") -> TrainResult:
     """Train a ``SoftPromptCaptioner`` (whatever of it requires grad) with the recipe's optimisation settings,
     on cached image features of the train split; the ``eval_split`` caption loss (first caption of each photo)
-    at the end (and every ``recipe.eval_every`` steps). Shared by stage 2 and the LoRA captioner (captioner.py)."""
+    at the end (and every ``recipe.eval_every`` steps; None: never). Shared by stage 2 and the LoRA captioner
+    (captioner.py)."""
     from contextlib import nullcontext
 
     from .bridge import PrecomputedConnector, caption_loss
 
     vision = vision or load_vision_encoder(profile)
     train_feats, train_ds = split_features(profile, "train", vision)
-    eval_feats, eval_ds = split_features(profile, eval_split, vision)
-    train_x, eval_x = train_feats.features, eval_feats.features
-    swap = nullcontext()
-    if not any(p.requires_grad for p in captioner.connector.parameters()):
+    train_x, swap = train_feats.features, nullcontext()
+    frozen = not any(p.requires_grad for p in captioner.connector.parameters())
+    if frozen:
         # A frozen connector gives each photo the same outputs at every step: compute them once.
-        train_x, eval_x = captioner.connector_outputs(train_x), captioner.connector_outputs(eval_x)
+        train_x = captioner.connector_outputs(train_x)
         swap = captioner.using_connector(PrecomputedConnector(*train_x.shape[1:]))
-    # The first caption of each photo: a fifth of the cost of all five, and the same ones every evaluation.
-    eval_captions = [caps[0] for caps in captions_for(eval_feats, eval_ds)]
+    eval_fn = None
+    if eval_split is not None:
+        eval_feats, eval_ds = split_features(profile, eval_split, vision)
+        eval_x = captioner.connector_outputs(eval_feats.features) if frozen else eval_feats.features
+        # The first caption of each photo: a fifth of the cost of all five, and the same ones every evaluation.
+        eval_captions = [caps[0] for caps in captions_for(eval_feats, eval_ds)]
 
-    def eval_fn(m):
-        return {f"{eval_split}_loss": caption_loss(m, eval_x, eval_captions)}
+        def eval_fn(m):
+            return {f"{eval_split}_loss": caption_loss(m, eval_x, eval_captions)}
 
     batches = caption_batches(train_x, captions_for(train_feats, train_ds), train_feats.image_ids, recipe.batch_size)
     config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
