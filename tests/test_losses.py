@@ -95,6 +95,19 @@ def test_each_loss_uses_the_qformer_mask(text, monkeypatch):
     assert not any(name.endswith("mask") and callable(getattr(L, name)) for name in dir(L))  # no private copies
 
 
+def test_itg_loss_reusing_the_itc_queries_equals_a_full_itg_pass(text):
+    model, image = tiny_model(text, losses=("itc", "itg")).eval(), torch.randn(4, 9, 24)
+    captions = ["a dog", "a cat runs", "two men", "snow"]
+    with torch.no_grad():
+        got = model(image, captions)["itg"]
+        ids, mask = model.tokenize(captions)
+        decoder_ids, labels = L.itg_inputs(ids, mask, model.bos_id)
+        full = model.qformer(image_embeds=model.image_adapter(image), input_ids=decoder_ids, attention_mask=mask,
+                             mask_type="itg")
+        expected = L.itg_loss(full.text_output, labels, model.config.itg_label_smoothing, lm_head=model.qformer.lm_head)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss_name", ["itc", "itm", "itg"])
 def test_each_loss_falls_when_overfitting_a_batch_of_8(text, loss_name):
     model = tiny_model(text, losses=(loss_name,))

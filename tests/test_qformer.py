@@ -134,6 +134,32 @@ def test_sdpa_path_equals_eager_path():
         assert torch.all(eager.cross_attentions[0][0, :, :, 7:] == 0)  # padded patches get no weight
 
 
+def test_itg_text_reading_cached_queries_equals_the_full_itg_pass():
+    """LAVIS's shortcut: ITG's text reads the queries' keys and values kept from the ITC pass, because under the
+    ITG mask the queries would compute exactly the same thing again."""
+    model, (image, ids, mask) = tiny_qformer(), inputs()
+    full = model(image, ids, mask, mask_type="itg")
+    itc = model(image, ids, mask, mask_type="itc", use_cache=True)
+    assert len(itc.past_key_values) == model.config.num_hidden_layers
+    assert itc.past_key_values[0][0].shape == (2, model.config.num_attention_heads, Q, 32 // 4)
+    cached = model(input_ids=ids, attention_mask=mask, mask_type="itg", past_key_values=itc.past_key_values)
+    assert cached.query_output is None and cached.text_output.shape == (2, T, 32)
+    assert torch.allclose(cached.text_output, full.text_output, atol=1e-5)
+    cached.text_output.sum().backward()          # the text's loss trains the queries through the cache
+    assert model.query_tokens.grad.abs().sum() > 0 and model.layers[0].cross_attn.key.weight.grad.abs().sum() > 0
+
+
+def test_cached_queries_only_under_the_itg_mask():
+    model, (image, ids, mask) = tiny_qformer(), inputs()
+    past = model(image_embeds=image, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="mask_type='itg'"):
+        model(input_ids=ids, attention_mask=mask, mask_type="itm", past_key_values=past)
+    with pytest.raises(ValueError, match="no image_embeds"):
+        model(image, ids, mask, mask_type="itg", past_key_values=past)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model(input_ids=ids[:1], attention_mask=mask[:1], mask_type="itg", past_key_values=past)
+
+
 @torch.no_grad()
 def test_cross_attention_every_other_layer():
     model = tiny_qformer(num_hidden_layers=5)

@@ -117,6 +117,7 @@ class QFormerOutput:
     text_output: torch.Tensor | None = None  # (B, T, H), None without input_ids
     attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, heads, Q+T, Q+T)
     cross_attentions: tuple[torch.Tensor, ...] | None = None  # per cross layer (B, heads, Q, N)
+    past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # per layer, the queries' (K, V)
 
 
 # --------------------------------------------------------------------------- masks
@@ -203,11 +204,15 @@ class Attention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, heads, L, head_size)
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_size).transpose(1, 2)
 
-    def forward(self, x, context=None, mask=None, output_attentions=False):
+    def forward(self, x, context=None, mask=None, output_attentions=False, past_key_value=None):
         """x (B, L, H); context (B, N, kv_size) or None (self-attention);
-        mask: additive float mask broadcastable to (B, heads, L, N) or None."""
+        mask: additive float mask broadcastable to (B, heads, L, P+N) or None;
+        past_key_value: (keys, values) of P earlier positions, (B, heads, P, head_size) each, read before x's own.
+        Returns (output, probabilities or None, (keys, values) that x attended to)."""
         kv = x if context is None else context
         q, k, v = self._heads(self.query(x)), self._heads(self.key(kv)), self._heads(self.value(kv))
+        if past_key_value is not None:
+            k, v = torch.cat([past_key_value[0], k], dim=2), torch.cat([past_key_value[1], v], dim=2)
         dropout_p = self.attn_dropout if self.training else 0.0
         if output_attentions:
             # Eager path: the same maths written out, so the probabilities can be returned.
@@ -221,7 +226,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
             probs = None
         y = y.transpose(1, 2).reshape(x.shape)  # merge the heads back: (B, L, H)
-        return self.norm(x + self.dropout(self.out(y))), probs
+        return self.norm(x + self.dropout(self.out(y))), probs, (k, v)
 
 
 class FeedForward(nn.Module):
@@ -250,20 +255,23 @@ class QFormerLayer(nn.Module):
         self.ffn_text = FeedForward(config)  # BERT's FFN (HF: intermediate/output)
         self.ffn_query = FeedForward(config)  # queries' own copy (HF: intermediate_query/output_query)
 
-    def forward(self, x, num_query_tokens, image_embeds=None, mask=None, image_mask=None, output_attentions=False):
+    def forward(self, x, num_query_tokens, image_embeds=None, mask=None, image_mask=None, output_attentions=False,
+                past_key_value=None):
+        """Returns (x, self-attention probs, cross-attention probs, the queries' (keys, values) in this layer)."""
         Q = num_query_tokens
-        x, self_probs = self.self_attn(x, mask=mask, output_attentions=output_attentions)
+        x, self_probs, (keys, values) = self.self_attn(x, mask=mask, output_attentions=output_attentions,
+                                                       past_key_value=past_key_value)
         queries, text = x[:, :Q], x[:, Q:]
         cross_probs = None
         if Q > 0:
             if self.cross_attn is not None:
-                queries, cross_probs = self.cross_attn(
+                queries, cross_probs, _ = self.cross_attn(
                     queries, context=image_embeds, mask=image_mask, output_attentions=output_attentions
                 )
             queries = self.ffn_query(queries)
         if text.shape[1] > 0:
             text = self.ffn_text(text)
-        return torch.cat([queries, text], dim=1), self_probs, cross_probs
+        return torch.cat([queries, text], dim=1), self_probs, cross_probs, (keys[:, :, :Q], values[:, :, :Q])
 
 
 class QFormerEmbeddings(nn.Module):
@@ -385,6 +393,8 @@ class QFormer(nn.Module):
         image_attention_mask: torch.Tensor | None = None,
         mask_type: str | None = "itm",
         output_attentions: bool = False,
+        past_key_values: tuple | None = None,
+        use_cache: bool = False,
     ) -> QFormerOutput:
         """Run the Q-Former.
 
@@ -400,8 +410,18 @@ class QFormer(nn.Module):
                 ``None`` = ``"itm"``. Ignored when there is no text.
             output_attentions: also return self- and cross-attention probabilities
                 (slower eager path instead of the fused SDPA kernel).
+            use_cache: also return ``past_key_values``, the queries' keys and values in
+                every layer.
+            past_key_values: those of an earlier pass, in place of ``image_embeds``: the
+                text reads the queries from them (``mask_type="itg"`` only). Under the
+                ITG mask the queries see only queries, so they would compute exactly what
+                they did in any pass that kept them from the text (ITC, or ITG itself):
+                LAVIS reuses the ITC pass's queries this way and saves their second
+                forward and backward pass.
         """
         self._check_inputs(image_embeds, input_ids, attention_mask, image_attention_mask, mask_type)
+        if past_key_values is not None:
+            self._check_past(past_key_values, image_embeds, input_ids, mask_type)
         dtype = self.query_tokens.dtype
         queries = None
         if image_embeds is not None:
@@ -409,23 +429,27 @@ class QFormer(nn.Module):
             image_embeds = image_embeds.to(dtype)
             queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         Q = 0 if queries is None else queries.shape[1]
+        P = 0 if past_key_values is None else past_key_values[0][0].shape[2]   # queries read from the cache
         x = self.embeddings(input_ids, queries)  # (B, Q+T, H)
 
         mask = None
         if input_ids is not None and (mask_type not in (None, "itm") or attention_mask is not None):
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            allowed = self_attention_mask(mask_type, Q, attention_mask)  # (B, Q+T, Q+T)
+            # (B, Q+T, Q+T); with a cache, the text's rows of the full (B, P+T, P+T) mask
+            allowed = self_attention_mask(mask_type, Q + P, attention_mask)[:, P:]
             if not bool(allowed.all()):  # all-True = no mask: lets SDPA pick its fastest kernel
                 mask = _additive(allowed, dtype)[:, None]  # broadcast over heads
         image_mask = None
         if image_attention_mask is not None:
             image_mask = _additive(image_attention_mask.bool(), dtype)[:, None, None, :]  # (B, 1, 1, N)
 
-        attentions, cross_attentions = [], []
-        for layer in self.layers:
-            x, self_probs, cross_probs = layer(x, Q, image_embeds, mask, image_mask, output_attentions)
+        attentions, cross_attentions, presents = [], [], []
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            x, self_probs, cross_probs, present = layer(x, Q, image_embeds, mask, image_mask, output_attentions, past)
             attentions.append(self_probs)
+            presents.append(present)
             if cross_probs is not None:
                 cross_attentions.append(cross_probs)
 
@@ -435,7 +459,21 @@ class QFormer(nn.Module):
             text_output=x[:, Q:] if input_ids is not None else None,
             attentions=tuple(attentions) if output_attentions else None,
             cross_attentions=tuple(cross_attentions) if output_attentions else None,
+            past_key_values=tuple(presents) if use_cache and Q else None,
         )
+
+    def _check_past(self, past_key_values, image_embeds, input_ids, mask_type):
+        if image_embeds is not None or input_ids is None:
+            raise ValueError("past_key_values stand for the queries: give input_ids and no image_embeds")
+        if mask_type != "itg":
+            raise ValueError(f"past_key_values need mask_type='itg', got {mask_type!r}: only under the ITG mask "
+                             f"do the queries compute the same thing whatever the text")
+        if len(past_key_values) != self.config.num_hidden_layers:
+            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the Q-Former "
+                             f"{self.config.num_hidden_layers}")
+        if past_key_values[0][0].shape[0] != input_ids.shape[0]:
+            raise ValueError(f"batch sizes differ: past_key_values {past_key_values[0][0].shape[0]} "
+                             f"vs input_ids {tuple(input_ids.shape)}")
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -445,6 +483,7 @@ class QFormer(nn.Module):
         num_query_tokens: int = 32,
         cross_attention_frequency: int = 2,
         encoder_hidden_size: int = 1408,
+        dropout: float | None = None,
     ) -> "QFormer":
         """Start from a pretrained BERT text encoder, as BLIP-2 does.
 
@@ -454,6 +493,7 @@ class QFormer(nn.Module):
         blocks and the queries keep their random BERT-style init (std 0.02).
         ``bert_model`` is a ``transformers.BertModel``; a ``BertForMaskedLM`` /
         ``BertLMHeadModel`` also works and then its MLM head is copied too.
+        ``dropout`` replaces BERT's hidden and attention dropout (None keeps them).
         """
         head = getattr(getattr(bert_model, "cls", None), "predictions", None)
         bert = getattr(bert_model, "bert", bert_model)
@@ -462,6 +502,7 @@ class QFormer(nn.Module):
             num_query_tokens=num_query_tokens,
             cross_attention_frequency=cross_attention_frequency,
             encoder_hidden_size=encoder_hidden_size,
+            **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}),
         )
         weight = bert.embeddings.word_embeddings.weight
         model = cls(config).to(device=weight.device, dtype=weight.dtype)  # next to the BERT

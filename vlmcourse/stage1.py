@@ -30,6 +30,9 @@ class Stage1Config:
     itc_label_smoothing: float = 0.0
     itg_label_smoothing: float = 0.1
     itm_batch_size: int | None = None     # positives per ITM step (None: the whole batch); ITM costs 3 forwards
+    # BERT's (and BLIP-2's) 0.1 regularises many epochs. A course run of 80 steps meets each caption at most once,
+    # and on a CPU dropout costs a fifth of the step (attention dropout sends SDPA down its slow path). None: 0.1.
+    dropout: float | None = 0.0
     losses: tuple[str, ...] = ("itc", "itm", "itg")
     decoder_bos_token: str = "[unused0]"  # BLIP-2's [DEC]; an unused BERT token needs no new embedding
 
@@ -75,7 +78,7 @@ class Stage1Model(nn.Module):
         """BERT-initialised Q-Former (cross-attention random) + fresh heads, as in BLIP-2."""
         config = config or Stage1Config()
         qformer = QFormer.from_bert(text_encoder.model, num_query_tokens=config.num_query_tokens,
-                                    encoder_hidden_size=image_hidden_size)
+                                    encoder_hidden_size=image_hidden_size, dropout=config.dropout)
         return cls(qformer, text_encoder.tokenizer, num_image_tokens, config)
 
     @property
@@ -123,9 +126,11 @@ class Stage1Model(nn.Module):
         image_ids = list(range(b)) if image_ids is None else list(image_ids)
         out: dict[str, torch.Tensor] = {}
 
-        # ITC: one pass, queries and text side by side under the uni-modal mask.
+        # ITC: one pass, queries and text side by side under the uni-modal mask. It keeps the queries' keys and
+        # values: ITG's text reads them instead of running the queries again (their ITG mask lets them see only
+        # queries, so they would compute the same thing).
         both = self.qformer(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask,
-                            mask_type=L.MASK_FOR_LOSS["itc"])
+                            mask_type=L.MASK_FOR_LOSS["itc"], use_cache="itg" in self.config.losses)
         image_feats = F.normalize(self.vision_proj(both.query_output), dim=-1)
         text_feats = F.normalize(self.text_proj(both.text_output[:, 0]), dim=-1)
         with torch.no_grad():
@@ -147,8 +152,8 @@ class Stage1Model(nn.Module):
 
         if "itg" in self.config.losses:
             decoder_ids, labels = L.itg_inputs(input_ids, attention_mask, self.bos_id)
-            gen = self.qformer(image_embeds=image_embeds, input_ids=decoder_ids, attention_mask=attention_mask,
-                               mask_type=L.MASK_FOR_LOSS["itg"])
+            gen = self.qformer(input_ids=decoder_ids, attention_mask=attention_mask,
+                               past_key_values=both.past_key_values, mask_type=L.MASK_FOR_LOSS["itg"])
             out["itg"] = L.itg_loss(gen.text_output, labels, self.config.itg_label_smoothing,
                                     lm_head=self.qformer.lm_head)
 
