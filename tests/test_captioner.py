@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,21 @@ def test_training_without_the_dev_evaluation_trains_the_same_weights(trained, ll
     assert [r["loss"] for r in quiet_result.history] == [r["loss"] for r in result.history]
     x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))
     assert torch.equal(quiet.first_token_probs(x), model.first_token_probs(x))
+
+
+def test_a_captioner_on_top_of_a_stage2_model_starts_from_its_qformer_and_projection(world, llm):
+    from vlmcourse.recipes import load_or_train_stage2
+
+    base_recipe = Stage2Recipe(steps=2, batch_size=4, warmup_steps=1, lr=1e-2, stage1=STAGE1)
+    recipe = replace(RECIPE, base=base_recipe, stage2=replace(RECIPE.stage2, lr=0.0, freeze_qformer=True))
+    base, _ = load_or_train_stage2("tiny", base_recipe, llm=llm)
+    model, _ = C.train_captioner("tiny", recipe, llm=llm, eval_split=None)      # lr 0: nothing moves
+    assert torch.equal(model.proj.weight, base.proj.weight)
+    assert torch.equal(model.connector.qformer.query_tokens, base.connector.qformer.query_tokens)
+    assert recipe.key() != replace(recipe, base=None).key()
+    assert CaptionerRecipe.from_dict(asdict(recipe)).key() == recipe.key()
+    with pytest.raises(ValueError, match="Q-Former connector"):
+        CaptionerRecipe(connector="meanpool", base=base_recipe)
 
 
 def test_save_then_load_gives_the_same_model_and_the_lora_weights_matter(trained, llm):

@@ -92,3 +92,12 @@ def test_recipe_key_follows_the_stage1_recipe():
     a, b = Stage2Recipe(), Stage2Recipe(stage1=replace(Stage1Recipe(), seed=1))
     assert a.key() != b.key() and a.key() == Stage2Recipe().key()
     assert Stage2Recipe(stage1=None).key() != a.key()
+
+
+def test_a_fresh_qformer_takes_the_recipes_dropout_and_its_key_follows(tiny_world):
+    for dropout, expected in ((0.0, 0.0), (None, 0.1)):     # None keeps BERT's own
+        recipe = replace(RECIPE, stage1=None, qformer_dropout=dropout)
+        connector, _ = recipes.stage2_connector(recipes.get_profile("tiny"), recipe)
+        config = connector.qformer.config
+        assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == expected
+    assert replace(RECIPE, stage1=None, qformer_dropout=None).key() != replace(RECIPE, stage1=None).key()

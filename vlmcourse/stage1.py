@@ -30,8 +30,9 @@ class Stage1Config:
     itc_label_smoothing: float = 0.0
     itg_label_smoothing: float = 0.1
     itm_batch_size: int | None = None     # positives per ITM step (None: the whole batch); ITM costs 3 forwards
-    # BERT's (and BLIP-2's) 0.1 regularises many epochs. A course run of 80 steps meets each caption at most once,
-    # and on a CPU dropout costs a fifth of the step (attention dropout sends SDPA down its slow path). None: 0.1.
+    # BERT's (and BLIP-2's) 0.1 regularises many epochs. A course run of 80 steps draws each photo about 4 times
+    # (each caption about once), and on a CPU dropout costs a fifth of the step (attention dropout sends SDPA down
+    # its slow path). None keeps BERT's 0.1.
     dropout: float | None = 0.0
     losses: tuple[str, ...] = ("itc", "itm", "itg")
     decoder_bos_token: str = "[unused0]"  # BLIP-2's [DEC]; an unused BERT token needs no new embedding
