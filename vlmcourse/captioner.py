@@ -36,8 +36,8 @@ from torch import nn
 
 from .bridge import GENERATION_BATCH, MeanPoolConnector, PatchConnector, SoftPromptCaptioner, evaluate_captions
 from .profiles import Profile, get_profile
-from .recipes import (Stage1Recipe, Stage2Recipe, bridge_config, captions_for, fit_captioner, save_trained,
-                      split_features, stage2_connector)
+from .recipes import (Stage1Recipe, Stage2Recipe, bridge_config, captions_for, fit_captioner, load_or_train_stage2,
+                      save_trained, split_features, stage2_connector)
 from .stage1 import Stage1Config
 from .train import TrainResult
 from .utils import cache_dir, seed_everything
@@ -290,8 +290,6 @@ def train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecip
     with the ``eval_split`` caption loss at the end (None: no evaluation). ``llm`` (``load_llm(profile)``) is
     shared, not modified."""
     from .backbones import load_llm, load_vision_encoder
-
-    from .recipes import load_or_train_stage2
 
     profile, recipe = _profile(profile), recipe or CaptionerRecipe()
     vision = load_vision_encoder(profile)
