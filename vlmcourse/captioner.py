@@ -43,8 +43,8 @@ from .train import TrainResult
 from .utils import cache_dir, seed_everything
 
 # How long ``python -m vlmcourse train captioner`` takes with CaptionerRecipe.cli_default() (shown in --help).
-CLI_TRAINING_TIME = ("about 25 minutes on a quiet 2-core CPU with bf16 (AVX512-BF16 or AMX; 48 measured while other "
-                     "jobs shared it), about 3 times longer on one without (AVX2 only: float32)")
+CLI_TRAINING_TIME = ("about 25 minutes on a quiet 2-core CPU with bf16 (AVX512-BF16 or AMX; measured before the latest "
+                     "speed-ups), about 50 on one without (AVX2 only: float32; estimated from its step times)")
 ADAPTER_FILE = "adapter_model.safetensors"     # PEFT's name for the LoRA weights
 CONNECTORS = ("qformer", "meanpool", "linear")
 # LoRA settings of notebook 06's ablation rows (and the command line), chosen on the dev split (40 steps, one seed):
