@@ -108,6 +108,19 @@ def test_itg_loss_reusing_the_itc_queries_equals_a_full_itg_pass(text):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_generate_reading_cached_queries_writes_what_full_itg_passes_write(text):
+    model, image = tiny_model(text).eval(), torch.randn(3, 9, 24)
+    with torch.no_grad():
+        adapted, ids = model.image_adapter(image), torch.full((3, 1), model.bos_id)
+        for _ in range(4):      # greedy decoding, queries recomputed at every step
+            out = model.qformer(image_embeds=adapted, input_ids=ids, mask_type="itg")
+            ids = torch.cat([ids, model.qformer.lm_head(out.text_output[:, -1]).argmax(-1)[:, None]], dim=1)
+    sep = model.tokenizer.sep_token_id
+    expected = [model.tokenizer.decode(row[1:row.tolist().index(sep) + 1 if sep in row else None],
+                                       skip_special_tokens=True) for row in ids]
+    assert model.generate(image, max_new_tokens=4) == expected
+
+
 @pytest.mark.parametrize("loss_name", ["itc", "itm", "itg"])
 def test_each_loss_falls_when_overfitting_a_batch_of_8(text, loss_name):
     model = tiny_model(text, losses=(loss_name,))

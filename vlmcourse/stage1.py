@@ -164,14 +164,16 @@ class Stage1Model(nn.Module):
     # ------------------------------------------------------------------ captions from the ITG head
     @torch.no_grad()
     def generate(self, image_embeds: torch.Tensor, max_new_tokens: int = 20) -> list[str]:
-        """Greedy captions from the Q-Former's own LM head (ITG), one per image."""
+        """Greedy captions from the Q-Former's own LM head (ITG), one per image. The queries run once: every
+        step's text reads their keys and values (under the ITG mask they never see the text)."""
         image_embeds = self.image_adapter(image_embeds.to(self.device))
+        queries = self.qformer(image_embeds=image_embeds, use_cache=True).past_key_values
         b = image_embeds.shape[0]
         ids = torch.full((b, 1), self.bos_id, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         sep = self.tokenizer.sep_token_id
         for _ in range(max_new_tokens):
-            out = self.qformer(image_embeds=image_embeds, input_ids=ids, mask_type=L.MASK_FOR_LOSS["itg"])
+            out = self.qformer(input_ids=ids, past_key_values=queries, mask_type=L.MASK_FOR_LOSS["itg"])
             next_id = self.qformer.lm_head(out.text_output[:, -1]).argmax(-1)
             next_id = next_id.masked_fill(done, self.tokenizer.pad_token_id)
             ids = torch.cat([ids, next_id[:, None]], dim=1)
