@@ -93,8 +93,8 @@ def test_label_layouts_of_the_recipe_and_its_two_traps(llm, padding):
                            [[1] * (prefix + len(a)) + [0] * k, [1] * (prefix + len(b))]),   # no EOS: never stop
     }[padding]
     embeds, attention_mask, labels = model.build_inputs(torch.randn(2, 16, 32), [short, long])
-    assert torch.equal(labels, torch.tensor(expected[0]))
-    assert torch.equal(attention_mask, torch.tensor(expected[1]))
+    assert torch.equal(labels.cpu(), torch.tensor(expected[0]))
+    assert torch.equal(attention_mask.cpu(), torch.tensor(expected[1]))
     start = prefix + (k if padding == "left_unmasked" else 0)     # where the short caption's tokens sit
     caption = llm.model.get_input_embeddings()(torch.tensor(a))
     assert torch.equal(embeds[0, start:start + len(a)], caption)

@@ -26,7 +26,7 @@ def test_cache_is_computed_once_and_reloaded(flickr_dir, cache, monkeypatch):
     assert torch.equal(again.features, first.features) and again.image_ids == first.image_ids
     # the rows are the encoder's output for each photo, in order
     with torch.no_grad():
-        direct = vision(ds[5]["pixel_values"][None]).last_hidden_state[0].half()
+        direct = vision(ds[5]["pixel_values"][None]).last_hidden_state[0].half().cpu()
     assert torch.allclose(first.features[5], direct, atol=1e-3)
 
 
@@ -44,5 +44,5 @@ def test_corrupt_image_is_skipped_and_ids_stay_aligned(flickr_dir, cache):
         feats = compute_features(vision, ds, batch_size=4)
     assert len(feats) == 7 and "1002_abc.jpg" not in feats.image_ids
     with torch.no_grad():
-        direct = vision(ds[3]["pixel_values"][None]).last_hidden_state[0].half()
+        direct = vision(ds[3]["pixel_values"][None]).last_hidden_state[0].half().cpu()
     assert torch.allclose(feats.features[feats.image_ids.index("1003_abc.jpg")], direct, atol=1e-3)

@@ -99,7 +99,7 @@ def test_minilm_matches_sentence_transformers():
     mask = batch["attention_mask"].unsqueeze(-1).float()
     ours = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     reference = SentenceTransformer(str(backbones.minilm_path()), device="cpu").encode(sentences, convert_to_tensor=True)
-    assert torch.allclose(ours, reference, atol=1e-5)
+    assert torch.allclose(ours.cpu(), reference, atol=1e-5)
 
 
 def test_smollm2_cache_equals_the_gguf_model(tmp_path):
@@ -140,7 +140,7 @@ def test_smollm2_dir_converts_once(tmp_path, monkeypatch):
 def test_cpu_llm_loads_from_the_cache_and_generates():
     llm = load_llm("cpu")
     assert llm.hidden_size == 576 and llm.tokenizer.eos_token_id == 2
-    batch = llm.tokenizer("The capital of France is", return_tensors="pt")
+    batch = llm.tokenizer("The capital of France is", return_tensors="pt").to(llm.model.device)
     out = llm.model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == batch["input_ids"].shape[1] + 3
 
@@ -150,4 +150,4 @@ def test_tiny_profile_parts_have_the_right_shapes():
     out = vision(torch.zeros(2, 3, 64, 64))
     assert out.last_hidden_state.shape == (2, 16, vision.hidden_size) and out.grid_size == (4, 4)
     assert text(**text.tokenize(["a cat"])).shape[-1] == text.hidden_size
-    assert llm.model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, len(llm.tokenizer))
+    assert llm.model(input_ids=torch.tensor([[1, 2, 3]], device=llm.model.device)).logits.shape == (1, 3, len(llm.tokenizer))

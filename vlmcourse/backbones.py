@@ -98,11 +98,13 @@ class VisionEncoder(nn.Module):
         images = [images] if isinstance(images, Image.Image) else list(images)
         return torch.stack([self.transform(image) for image in images]).to(self.device)
 
-    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values checked for shape and moved to the encoder's device (a GPU encoder takes CPU tensors)."""
         expected = (3, self.image_size, self.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"{self.name}: pixel_values must have shape (B, {', '.join(map(str, expected))}), "
                              f"got {tuple(pixel_values.shape)}")
+        return pixel_values.to(self.device)
 
     def freeze(self) -> "VisionEncoder":
         self.eval()
@@ -139,7 +141,7 @@ class EfficientNetEncoder(VisionEncoder):
         return side, side
 
     def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
-        self.check_pixel_values(pixel_values)
+        pixel_values = self.check_pixel_values(pixel_values)
         fmap = self.net.extract_features(pixel_values)          # (B, 1280, h, w)
         return VisionOutput(fmap.flatten(2).transpose(1, 2), tuple(fmap.shape[-2:]))
 
@@ -165,7 +167,7 @@ class CLIPVisionEncoder(VisionEncoder):
         return side, side
 
     def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
-        self.check_pixel_values(pixel_values)
+        pixel_values = self.check_pixel_values(pixel_values)
         hidden = self.model(pixel_values=pixel_values).last_hidden_state   # (B, 1 + N, D)
         return VisionOutput(hidden[:, 1:], self.grid_size)
 
@@ -187,7 +189,7 @@ class TinyVisionEncoder(VisionEncoder):
         return side, side
 
     def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
-        self.check_pixel_values(pixel_values)
+        pixel_values = self.check_pixel_values(pixel_values)
         fmap = self.proj(pixel_values)
         return VisionOutput(fmap.flatten(2).transpose(1, 2), tuple(fmap.shape[-2:]))
 

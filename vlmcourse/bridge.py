@@ -188,7 +188,10 @@ class SoftPromptCaptioner(nn.Module):
         self.connector, self.llm_model, self.tokenizer = connector, llm.model, llm.tokenizer
         self.llm_name = getattr(llm, "name", None)
         self.config = config or BridgeConfig()
-        self.proj = nn.Linear(connector_size, llm.model.config.hidden_size)
+        # The captioner lives where its LLM lives: the connector and the new projection join it there.
+        device = llm.model.get_input_embeddings().weight.device
+        self.connector.to(device)
+        self.proj = nn.Linear(connector_size, llm.model.config.hidden_size, device=device)
         if freeze_llm:
             for p in self.llm_model.parameters():
                 p.requires_grad_(False)
@@ -300,15 +303,15 @@ class SoftPromptCaptioner(nn.Module):
     def forward(self, image_embeds: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Mean LM loss over the caption tokens and EOS (as ``llm(..., labels=labels).loss``).
 
-        Only the positions whose next token is labelled go through the LM head (``logits_to_keep``):
-        the vocabulary projection of the soft-prompt, prompt and padding positions would be thrown away.
+        Only the positions whose next token is labelled go through the LM head: the vocabulary projection
+        of the soft-prompt, prompt and padding positions would be thrown away.
         """
         embeds, attention_mask, labels = self.build_inputs(image_embeds, captions)
         targets = labels[:, 1:]                                    # position i predicts token i + 1
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = targets != IGNORE_INDEX
-        logits = self.llm_model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep).logits
-        return nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX])
+        keep = targets != IGNORE_INDEX
+        hidden = self.llm_model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        logits = self.llm_model.get_output_embeddings()(hidden[:, :-1][keep])
+        return nn.functional.cross_entropy(logits.float(), targets[keep])
 
     def prefix_embeds(self, image_embeds: torch.Tensor | None = None,
                       soft_prompts: torch.Tensor | None = None) -> torch.Tensor:

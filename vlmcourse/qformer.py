@@ -422,11 +422,14 @@ class QFormer(nn.Module):
         self._check_inputs(image_embeds, input_ids, attention_mask, image_attention_mask, mask_type)
         if past_key_values is not None:
             self._check_past(past_key_values, image_embeds, input_ids, mask_type)
-        dtype = self.query_tokens.dtype
+        dtype, device = self.query_tokens.dtype, self.query_tokens.device
+        # Inputs may come from the CPU (cached features, a tokenizer): the Q-Former takes them to its device.
+        input_ids, attention_mask, image_attention_mask = (
+            None if t is None else t.to(device) for t in (input_ids, attention_mask, image_attention_mask))
         queries = None
         if image_embeds is not None:
             # Cached features are often float16; the Q-Former computes in its own dtype.
-            image_embeds = image_embeds.to(dtype)
+            image_embeds = image_embeds.to(device, dtype)
             queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         Q = 0 if queries is None else queries.shape[1]
         P = 0 if past_key_values is None else past_key_values[0][0].shape[2]   # queries read from the cache
