@@ -193,6 +193,11 @@ def test_a_captioner_on_top_of_a_stage2_model_starts_from_its_qformer_and_projec
     assert torch.equal(model.connector.qformer.query_tokens, base.connector.qformer.query_tokens)
     assert recipe.key() != replace(recipe, base=None).key()
     assert CaptionerRecipe.from_dict(asdict(recipe)).key() == recipe.key()
+    # a config saved before Stage2Recipe.proj_lr_scale existed was trained with the projection at 1x
+    old = asdict(recipe)
+    for stage2 in (old["stage2"], old["base"]):
+        del stage2["proj_lr_scale"]
+    assert CaptionerRecipe.from_dict(old).base.proj_lr_scale == 1.0
     with pytest.raises(ValueError, match="Q-Former connector"):
         CaptionerRecipe(connector="meanpool", base=base_recipe)
 

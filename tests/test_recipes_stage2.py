@@ -101,3 +101,20 @@ def test_a_fresh_qformer_takes_the_recipes_dropout_and_its_key_follows(tiny_worl
         config = connector.qformer.config
         assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == expected
     assert replace(RECIPE, stage1=None, qformer_dropout=None).key() != replace(RECIPE, stage1=None).key()
+
+
+
+def test_the_projection_learns_at_its_own_multiple_of_the_learning_rate(tiny_world):
+    """proj_lr_scale reaches the optimiser: at 0 the new projection keeps its initial weights while the
+    Q-Former around it trains."""
+    from vlmcourse.bridge import SoftPromptCaptioner
+
+    profile = recipes.get_profile("tiny")
+    r = replace(RECIPE, stage1=None, freeze_qformer=False, proj_lr_scale=0.0)
+    connector, width = recipes.stage2_connector(profile, r)
+    model = SoftPromptCaptioner(connector, width, load_llm(profile), recipes.bridge_config(r))
+    proj = model.proj.weight.detach().clone()
+    qformer = {n: p.detach().clone() for n, p in model.connector.named_parameters()}
+    recipes.fit_captioner(model, profile, r, eval_split=None)
+    assert torch.equal(model.proj.weight, proj)
+    assert any(not torch.equal(p, qformer[n]) for n, p in model.connector.named_parameters())

@@ -111,3 +111,16 @@ def test_to_device_moves_the_tensors_of_a_batch_and_leaves_the_rest():
     assert moved["generator"] is generator
     pair = to_device((torch.zeros(1), torch.ones(1)), "meta")
     assert isinstance(pair, tuple) and all(t.device.type == "meta" for t in pair)
+
+
+def test_lr_scales_give_a_layer_a_multiple_of_the_schedule():
+    model = model_fn()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, batch_fn, loss_fn, config(steps=3, lr_scales={"3.": 0.0}))     # the last Linear: lr x 0
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[n])}
+    assert moved == {"0.weight", "0.bias"}
+    opt = make_optimizer(model, config(lr_scales={"3.": 10.0}))
+    scaled = [g for g in opt.param_groups if g["lr_scale"] == 10.0]
+    assert sum(p.numel() for g in scaled for p in g["params"]) == 32 + 1          # its weight and bias
+    with pytest.raises(ValueError, match="names no trainable parameter"):
+        make_optimizer(model, config(lr_scales={"proj.": 10.0}))

@@ -39,6 +39,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     bf16: bool | None = None        # None: bf16 autocast where the hardware supports it
+    lr_scales: dict[str, float] = field(default_factory=dict)   # parameter-name prefix -> lr multiplier
     eval_every: int = 0             # call eval_fn every N steps (and at the end)
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
@@ -87,14 +88,28 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings of size 1-D."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings of size 1-D.
+
+    ``config.lr_scales`` gives some parameters (by name prefix) a multiple of the learning rate: a new
+    layer can learn faster than the pretrained weights around it. Each group keeps its ``lr_scale``.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=config.betas)
+    unknown = [k for k in config.lr_scales if not any(n.startswith(k) for n, _ in named)]
+    if unknown:
+        raise ValueError(f"lr_scales names no trainable parameter: {unknown}")
+
+    def scale(name: str) -> float:
+        return next((v for k, v in config.lr_scales.items() if name.startswith(k)), 1.0)
+
+    groups = {}
+    for name, p in named:
+        decay = config.weight_decay if p.ndim >= 2 else 0.0
+        groups.setdefault((scale(name), decay), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": decay, "lr_scale": lr_scale}
+                              for (lr_scale, decay), ps in sorted(groups.items(), key=lambda g: (g[0][1] == 0, g[0][0]))],
+                             lr=config.lr, betas=config.betas)
 
 
 def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
@@ -136,7 +151,7 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
         torch.manual_seed(seed)                           # dropout masks depend on the step alone
         batch = to_device(batch_fn(step, torch.Generator().manual_seed(seed)), accelerator.device)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+            group["lr"] = lr_at(step, config) * group["lr_scale"]
         with autocast():
             losses = loss_fn(model, batch)
         check_finite(losses, step)
@@ -147,7 +162,7 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
-        row = {"step": step, "lr": optimizer.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in losses.items()}}
+        row = {"step": step, "lr": lr_at(step, config), **{k: float(v.detach()) for k, v in losses.items()}}
         result.history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr")}, refresh=False)
         last = step == config.steps - 1
