@@ -103,7 +103,6 @@ def test_a_fresh_qformer_takes_the_recipes_dropout_and_its_key_follows(tiny_worl
     assert replace(RECIPE, stage1=None, qformer_dropout=None).key() != replace(RECIPE, stage1=None).key()
 
 
-
 def test_the_projection_learns_at_its_own_multiple_of_the_learning_rate(tiny_world):
     """proj_lr_scale reaches the optimiser: at 0 the new projection keeps its initial weights while the
     Q-Former around it trains."""

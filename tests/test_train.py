@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from vlmcourse.train import NonFiniteLossError, TrainConfig, lr_at, make_optimizer, to_device, train
+from accelerate.utils import send_to_device
+
+from vlmcourse.train import NonFiniteLossError, TrainConfig, lr_at, make_optimizer, train
 
 X = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
@@ -99,17 +101,18 @@ def test_resumed_run_continues_the_same_loss_curve(tmp_path):
 
 def test_eval_fn_is_called_on_schedule():
     result = train(model_fn(), batch_fn, loss_fn, config(steps=20, eval_every=5),
-                   eval_fn=lambda m: {"dev_mse": float(nn.functional.mse_loss(m(to_device(X, device(m))).cpu(), Y))})
+                   eval_fn=lambda m: {"dev_mse": float(nn.functional.mse_loss(m(send_to_device(X, device(m))).cpu(), Y))})
     assert [e["step"] for e in result.evals] == [4, 9, 14, 19]
     assert result.column("dev_mse", "evals")[-1] < result.column("dev_mse", "evals")[0]
 
 
-def test_to_device_moves_the_tensors_of_a_batch_and_leaves_the_rest():
+def test_send_to_device_moves_the_tensors_of_a_batch_and_leaves_the_rest():
+    """What train() relies on when it moves each batch: captions and the step's generator pass through."""
     generator = torch.Generator()
-    moved = to_device({"image_embeds": torch.zeros(2, 3), "captions": ["a", "b"], "generator": generator}, "meta")
+    moved = send_to_device({"image_embeds": torch.zeros(2, 3), "captions": ["a", "b"], "generator": generator}, "meta")
     assert moved["image_embeds"].device.type == "meta" and moved["captions"] == ["a", "b"]
     assert moved["generator"] is generator
-    pair = to_device((torch.zeros(1), torch.ones(1)), "meta")
+    pair = send_to_device((torch.zeros(1), torch.ones(1)), "meta")
     assert isinstance(pair, tuple) and all(t.device.type == "meta" for t in pair)
 
 

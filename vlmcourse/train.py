@@ -66,18 +66,6 @@ def bf16_supported(device: torch.device | str) -> bool:
         return False
 
 
-def to_device(batch, device):
-    """The batch's tensors (in a dict, tuple or list, one level deep) moved to ``device``; the rest as is."""
-    def move(v):
-        return v.to(device) if isinstance(v, torch.Tensor) else v
-
-    if isinstance(batch, dict):
-        return {k: move(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move(v) for v in batch)
-    return move(batch)
-
-
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio``."""
     if step < config.warmup_steps:
@@ -129,6 +117,7 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
     and at the end, and (``resume=True``) picks up from the last checkpoint.
     """
     from accelerate import Accelerator
+    from accelerate.utils import send_to_device    # a batch's tensors to the model's device, the rest as is
 
     accelerator = Accelerator()
     model = model.to(accelerator.device)
@@ -149,7 +138,7 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
         model.train()
         seed = config.seed * 1_000_003 + step * 101 + accelerator.process_index
         torch.manual_seed(seed)                           # dropout masks depend on the step alone
-        batch = to_device(batch_fn(step, torch.Generator().manual_seed(seed)), accelerator.device)
+        batch = send_to_device(batch_fn(step, torch.Generator().manual_seed(seed)), accelerator.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config) * group["lr_scale"]
         with autocast():
