@@ -44,7 +44,7 @@ from .utils import cache_dir, seed_everything
 
 # How long ``python -m vlmcourse train captioner`` takes with CaptionerRecipe.cli_default() (shown in --help).
 CLI_TRAINING_TIME = ("about 25 minutes on a quiet 2-core CPU with bf16 (AVX512-BF16 or AMX; measured before the latest "
-                     "speed-ups), about 45 on one without (AVX2 only: float32; measured, 2707 s)")
+                     "speed-ups), about 45 on one without (AVX2 only: float32; measured: 2707 and 2680 s for seeds 0 and 1)")
 ADAPTER_FILE = "adapter_model.safetensors"     # PEFT's name for the LoRA weights
 CONNECTORS = ("qformer", "meanpool", "linear")
 # LoRA settings of notebook 06's ablation rows (and the command line), chosen on the dev split (40 steps, one seed):
