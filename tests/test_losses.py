@@ -210,3 +210,32 @@ def test_stage1_plots_draw(text):
     fig = plot_captions([photo] * 4, ["a dog"] * 4, ["a dog runs on the grass"] * 4, ncols=3)
     assert sum(t.get_text().startswith("ITG:") for a in fig.axes for t in a.texts) == 4
     plt.close("all")
+
+
+
+def backward_ops(loss) -> set[str]:
+    seen, todo, names = set(), [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_itm_gathers_hard_negative_photos_without_racing_gradient_adds(text, monkeypatch):
+    # Two texts may pick the same hard-negative photo. The backward of x[index] adds their gradients into one
+    # row with atomic adds from several threads on a CPU, in an order that changes from run to run (a full
+    # stage-1 run drifted apart at step 15); index_select's backward adds them in order.
+    def same_photo(sim_i2t, is_positive, generator=None):
+        neg = torch.ones(sim_i2t.shape[0], dtype=torch.long)
+        neg[1] = 0
+        return neg, neg.clone()
+
+    monkeypatch.setattr(L, "sample_hard_negatives", same_photo)
+    model = tiny_model(text, losses=("itm",))
+    ops = backward_ops(model(torch.randn(4, 9, 24), ["a dog", "a cat runs", "two men", "snow"])["loss"])
+    assert "IndexSelectBackward0" in ops
+    assert "IndexBackward0" not in ops

@@ -146,7 +146,9 @@ class Stage1Model(nn.Module):
             neg_text, neg_image = L.sample_hard_negatives(sim_i2t, pos, generator)
             idx = torch.arange(m)
             # rows: m positives, m (image, hard-negative text), m (hard-negative image, text)
-            img = torch.cat([image_embeds[idx], image_embeds[idx], image_embeds[neg_image[idx]]])
+            # index_select, not image_embeds[...]: two texts may pick the same hard-negative photo, and the
+            # backward of [] adds their gradients with racing threads on a CPU (not bit-reproducible).
+            img = image_embeds.index_select(0, torch.cat([idx, idx, neg_image[idx]]).to(image_embeds.device))
             ids = torch.cat([input_ids[idx], input_ids[neg_text[idx]], input_ids[idx]])
             att = torch.cat([attention_mask[idx], attention_mask[neg_text[idx]], attention_mask[idx]])
             out["itm"], _ = L.itm_loss(self.itm_logits(img, ids, att), m)
