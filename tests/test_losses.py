@@ -212,7 +212,6 @@ def test_stage1_plots_draw(text):
     plt.close("all")
 
 
-
 def backward_ops(loss) -> set[str]:
     seen, todo, names = set(), [loss.grad_fn], set()
     while todo:
@@ -227,8 +226,8 @@ def backward_ops(loss) -> set[str]:
 
 def test_itm_gathers_hard_negative_photos_without_racing_gradient_adds(text, monkeypatch):
     # Two texts may pick the same hard-negative photo. The backward of x[index] adds their gradients into one
-    # row with atomic adds from several threads on a CPU, in an order that changes from run to run (a full
-    # stage-1 run drifted apart at step 15); index_select's backward adds them in order.
+    # row with atomic adds from several threads on a CPU, in an order that changes from run to run (in a full
+    # stage-1 run, from step 15 on); index_select's backward adds them in order.
     def same_photo(sim_i2t, is_positive, generator=None):
         neg = torch.ones(sim_i2t.shape[0], dtype=torch.long)
         neg[1] = 0
