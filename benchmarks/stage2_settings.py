@@ -13,12 +13,11 @@ fight: ``OMP_NUM_THREADS=1``. Run by hand:
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from dataclasses import asdict, replace
 
 import torch
+from sweep import emit, sweep_parser
 
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm
@@ -56,11 +55,7 @@ SWEEP = {
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--only", nargs="*", help="names of SWEEP entries to run")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
-    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    parser = sweep_parser(__doc__.splitlines()[0], steps=40)
     args = parser.parse_args()
 
     profile = get_profile()
@@ -87,11 +82,7 @@ def main():
                    **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k != "captions"},
                    "eval s": round(time.perf_counter() - began, 1), "examples": report["captions"][:3],
                    "threads": torch.get_num_threads(), "recipe": asdict(recipe) | {"stage1": recipe.stage1 is not None}}
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            emit(row, args.out)
 
 
 if __name__ == "__main__":

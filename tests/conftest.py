@@ -54,3 +54,9 @@ def shared_data():
     if not (SHARED / "Flickr8k.token.txt").is_file():
         pytest.skip(f"the shared Flickr8k subset is not at {SHARED}")
     return SHARED
+
+
+def pytest_collection_modifyitems(config, items):
+    """The browser test runs notebook 07, which needs the stage-1 model notebook 04 trains: run it last, after
+    the notebooks (pytest's testpaths put tests/ first)."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_browser.py"))

@@ -187,3 +187,141 @@ def test_clean_captions_and_no_extra_space_after_a_newline_prompt(llm):
     plain = captioner(llm)
     assert plain.caption_ids(["a dog runs ."])[0].tolist() == llm.tokenizer(
         " a dog runs .", add_special_tokens=False).input_ids + [plain.eos_id]
+
+
+# ----------------------------------------------------------------------------- issue 17: one prefix pass per photo
+from vlmcourse.bridge import BridgeConfig  # noqa: E402
+from vlmcourse.train import caption_batches  # noqa: E402
+
+GROUPED = [["a dog runs", "a brown dog runs on the grass"], ["a red car"],
+           ["two cats sleep", "cats", "two cats sleep on a sofa in the sun"]]
+
+
+def lora_captioner(llm, qformer=True):
+    """A Q-Former (trainable) -> projection -> LLM + LoRA captioner: every kind of trainable weight stage 2 has."""
+    from vlmcourse.captioner import Captioner, LoraSettings
+
+    torch.manual_seed(0)
+    config = QFormerConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, num_query_tokens=3, encoder_hidden_size=32,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)   # as the recipes train it
+    connector = QFormerConnector(QFormer(config), ImageAdapter(16, 32)) if qformer else MeanPoolConnector((4, 4), 2)
+    model = Captioner(connector, 16 if qformer else 32, llm, BridgeConfig(prompt="A short caption of the photo:"),
+                      lora=LoraSettings(r=4, lora_alpha=8))
+    with torch.no_grad():       # LoRA's B starts at 0, which would leave A without a gradient to compare
+        for name, p in model.llm_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.train()
+
+
+def loss_and_grads(model, x, captions):
+    model.zero_grad(set_to_none=True)
+    loss = model(x, captions)
+    loss.backward()
+    # weights the caption never reaches (the Q-Former's text side) keep no gradient
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grouped_equals_ungrouped(model, x, captions=GROUPED):
+    rows = [i for i, caps in enumerate(captions) for _ in caps]
+    flat = [c for caps in captions for c in caps]
+    loss, grads = loss_and_grads(model, x[rows], flat)             # one row per caption: the prefix again each time
+    grouped_loss, grouped_grads = loss_and_grads(model, x, captions)
+    assert set(grads) == set(grouped_grads) and all(g.abs().sum() > 0 for g in grads.values())
+    torch.testing.assert_close(grouped_loss, loss, rtol=1e-5, atol=1e-6)
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for name, g in grads.items():     # through the cached keys and values into LoRA, the projection, the Q-Former
+        # atol: rounding, relative to this tensor and (for gradients that are exactly 0 in theory, like an
+        # attention key's bias) to the largest gradient
+        torch.testing.assert_close(grouped_grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-8 * scale,
+                                   msg=name)
+    return grads
+
+
+@pytest.mark.parametrize("padding", ["right", "left_unmasked", "mask_by_pad_id"])
+def test_grouped_loss_equals_the_ungrouped_for_every_label_layout(llm, padding):
+    model = SoftPromptCaptioner(MeanPoolConnector((4, 4), 2), 32, llm, BridgeConfig(padding=padding))
+    assert_grouped_equals_ungrouped(model, torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(0)))
+
+
+def test_grouped_gradients_reach_the_qformer_and_lora_through_the_cache(llm):
+    model = lora_captioner(llm)
+    grads = assert_grouped_equals_ungrouped(model, torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(0)))
+    kinds = {"lora_A", "lora_B", "proj.", "connector.qformer.", "connector.image_norm."}
+    assert all(any(k in n for n in grads) for k in kinds)
+
+
+def test_grouped_loss_checks_its_input(llm):
+    model = captioner(llm)
+    with pytest.raises(ValueError, match="2 images but 1 caption lists"):
+        model(torch.randn(2, 16, 32), [["a dog", "a cat"]])
+    with pytest.raises(ValueError, match="at least one caption"):
+        model(torch.randn(2, 16, 32), [["a dog"], []])
+
+
+def test_grouped_loss_equals_the_ungrouped_on_smollm2_with_lora():
+    """The real SmolLM2-135M (30 layers, grouped-query attention, rotary positions): the continuation's positions
+    and the cache's expansion must be right for the loss and all 120 LoRA gradients to agree."""
+    model = lora_captioner(load_llm("cpu"), qformer=True)
+    captions = [["A dog runs on the grass.", "A brown dog is running outside."],
+                ["Two children play in the snow.", "Kids in the snow.", "Two small children are playing in snow."]]
+    assert_grouped_equals_ungrouped(model, torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)),
+                                    captions)
+
+
+def test_caption_loss_groups_whole_photos(llm):
+    model = captioner(llm).eval()
+    x = torch.randn(3, 16, 32)
+    with torch.no_grad():
+        manual = model(x[[0, 0, 1, 2, 2, 2]], [c for caps in GROUPED for c in caps])
+    for batch_size in (64, 3, 2, 1):      # 1 and 2: a photo with more captions than batch_size goes alone
+        assert caption_loss(model, x, GROUPED, batch_size=batch_size) == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_caption_batches_of_several_captions_per_photo_train_stage2(llm):
+    features = torch.randn(6, 16, 32, generator=torch.Generator().manual_seed(0))
+    captions = [[f"photo {i} caption {k}" for k in range(5)] for i in range(5)] + [["only one"]]
+    ids = [f"{i}.jpg" for i in range(6)]
+    one = caption_batches(features, captions, ids, 4)(0, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)          # the default draws exactly as before: 4 photos, one caption each
+    idx = torch.randperm(6, generator=g)[:4].tolist()
+    assert one["captions"] == [captions[i][int(torch.randint(len(captions[i]), (1,), generator=g))] for i in idx]
+    assert one["image_ids"] == [ids[i] for i in idx] and torch.equal(one["image_embeds"], features[idx])
+    for step in range(5):
+        batch_fn = caption_batches(features, captions, ids, 8, captions_per_image=4)
+        batch = batch_fn(step, torch.Generator().manual_seed(step))
+        assert len(batch["image_ids"]) == len(batch["captions"]) == batch["image_embeds"].shape[0] == 2
+        for image_id, caps in zip(batch["image_ids"], batch["captions"]):
+            own = captions[ids.index(image_id)]
+            assert len(set(caps)) == len(caps) == min(4, len(own)) and set(caps) <= set(own)
+    with pytest.raises(ValueError, match="captions_per_image"):
+        caption_batches(features, captions, ids, 2, captions_per_image=4)
+    fixed = caption_batches(features, captions, ids, 8, captions_per_image=4)
+    flat = {**fixed(0, torch.Generator().manual_seed(0))}
+    flat["image_embeds"] = flat["image_embeds"].repeat_interleave(torch.tensor([len(c) for c in flat["captions"]]), 0)
+    flat["captions"] = [c for caps in flat["captions"] for c in caps]
+    histories = []
+    for batch in (fixed(0, torch.Generator().manual_seed(0)), flat):   # the training loop takes either as it is
+        result = train(captioner(llm), lambda step, g: batch,
+                       lambda m, b: {"loss": m(b["image_embeds"], b["captions"])},
+                       TrainConfig(steps=4, lr=1e-2, warmup_steps=1, bf16=False))
+        histories.append(result.column("loss"))
+    assert histories[0] == pytest.approx(histories[1], rel=1e-5) and histories[0][-1] < histories[0][0]
+
+
+def test_swapped_captions_are_read_off_and_match_real_generation(llm):
+    from vlmcourse.captioner import swapped_image_captions
+
+    torch.manual_seed(0)
+    # no text prompt: the random tiny LLM then continues from a soft prompt, and photos get different captions
+    model = SoftPromptCaptioner(PatchConnector(16), 32, llm, BridgeConfig(prompt="")).eval()
+    x = torch.randn(5, 16, 32, generator=torch.Generator().manual_seed(0))
+    own = model.generate(x, max_new_tokens=5)
+    generated = model.generate(soft_prompts=model.soft_prompts(x).roll(2, 0), max_new_tokens=5)
+    swapped = swapped_image_captions(model, x, own, shift=2, max_new_tokens=5)
+    assert swapped["captions"] == generated and len(set(own)) > 1
+    assert swapped["changed"] == sum(a != b for a, b in zip(own, generated)) / 5 > 0
+    assert swapped_image_captions(model, x, shift=2, max_new_tokens=5) == swapped     # own captions generated
+    with pytest.raises(ValueError, match="5 photos but 4 own captions"):
+        swapped_image_captions(model, x, own[:4])

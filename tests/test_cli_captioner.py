@@ -1,6 +1,7 @@
 """``python -m vlmcourse train captioner | caption | evaluate`` on the tiny profile, run in-process through main()."""
 import json
 import os
+import shutil
 
 import pytest
 from test_captioner import world  # noqa: F401  (the same colour photos and an empty cache)
@@ -40,7 +41,7 @@ def test_train_help_says_how_long_the_default_takes(capsys):
 def test_train_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     assert main(["train", "captioner", "--out", str(tmp_path), "--profile", "tiny"]) == 2
-    assert "not a saved captioner" in capsys.readouterr().err
+    assert f"{tmp_path} is not empty and was not written by vlmcourse" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -77,3 +78,16 @@ def test_a_missing_data_folder_is_named(cli_model, capsys):
     _, model_dir = cli_model
     assert main(["evaluate", "--model", str(model_dir), "--data", "/no/such/dir"]) == 2
     assert "/no/such/dir" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_readable_photos_and_exits_1_naming_the_others(cli_model, world, tmp_path, capsys):
+    _, model_dir = cli_model
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    broken = world["test"][0]
+    (data / "Images" / broken).write_bytes(b"\xff\xd8 not a jpeg")
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--split", "test"]) == 1
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["unreadable_images"] == [broken] and report["captions"] == len(world["test"]) - 1
+    assert broken in err and "left out of the scores" in err

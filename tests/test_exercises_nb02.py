@@ -78,3 +78,47 @@ def test_temperature_check(capsys):
         assert text.startswith("✗") and phrase in text
     check_temperature_limit("z")
     assert "one of the letters" in out(capsys)
+
+
+def test_info_nce_function_check(capsys):
+    """The code-writing exercise: a right my_info_nce passes, each typical slip gets its own hint."""
+    from vlmcourse.exercises.nb02 import check_info_nce_fn
+
+    def diag(logits):
+        return torch.arange(len(logits))
+
+    check_info_nce_fn(None)
+    assert "Not attempted" in out(capsys)
+    check_info_nce_fn(lambda logits: None)
+    assert "returns None" in out(capsys)
+    check_info_nce_fn(lambda logits: (F.cross_entropy(logits, diag(logits)) + F.cross_entropy(logits.T, diag(logits))) / 2)
+    assert out(capsys).startswith("✓")
+    check_info_nce_fn(lambda logits: (-logits.log_softmax(1).diagonal().mean() - logits.log_softmax(0).diagonal().mean()) / 2)
+    assert out(capsys).startswith("✓")
+    wrong = {
+        "symmetric": lambda logits: F.cross_entropy(logits, diag(logits)),
+        "average over the N pairs": lambda logits: F.cross_entropy(logits, diag(logits), reduction="sum")
+        + F.cross_entropy(logits.T, diag(logits), reduction="sum"),
+        "sign is flipped": lambda logits: (logits.log_softmax(1).diagonal().mean() + logits.log_softmax(0).diagonal().mean()) / 2,
+        "loss_rows = mean_i": lambda logits: (logits.softmax(1).diagonal().mean() + logits.softmax(0).diagonal().mean()) / 2,
+        "not a tensor": lambda logits: F.cross_entropy(logits, diag(logits)).item(),
+        "no gradient": lambda logits: F.cross_entropy(logits.detach(), diag(logits)),
+        "one number": lambda logits: F.cross_entropy(logits, diag(logits), reduction="none"),
+    }
+    for phrase, fn in wrong.items():
+        check_info_nce_fn(fn)
+        text = out(capsys)
+        assert text.startswith("✗") and phrase in text, (phrase, text)
+
+    def broken(logits):
+        raise IndexError("bad index")
+
+    check_info_nce_fn(broken)
+    text = out(capsys)
+    assert text.startswith("✗") and "IndexError: bad index" in text
+
+    def hard_coded_five(logits):  # right on the 5 x 5 batch only
+        return (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))) / 2
+
+    check_info_nce_fn(hard_coded_five)
+    assert "✗" in out(capsys)

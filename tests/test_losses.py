@@ -228,7 +228,7 @@ def test_itm_gathers_hard_negative_photos_without_racing_gradient_adds(text, mon
     # Two texts may pick the same hard-negative photo. The backward of x[index] adds their gradients into one
     # row with atomic adds from several threads on a CPU, in an order that changes from run to run (in a full
     # stage-1 run, from step 15 on); index_select's backward adds them in order.
-    def same_photo(sim_i2t, is_positive, generator=None):
+    def same_photo(sim_i2t, is_positive, generator=None, random_fraction=0.0):
         neg = torch.ones(sim_i2t.shape[0], dtype=torch.long)
         neg[1] = 0
         return neg, neg.clone()

@@ -24,7 +24,6 @@ profile. ``vlmcourse.caption(images, model_dir)`` captions photos in one call.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +36,7 @@ from torch import nn
 from .bridge import GENERATION_BATCH, MeanPoolConnector, PatchConnector, SoftPromptCaptioner, evaluate_captions
 from .profiles import Profile, get_profile
 from .recipes import (Stage1Recipe, Stage2Recipe, bridge_config, captions_for, fit_captioner, load_or_train_stage2,
-                      save_trained, split_features, stage2_connector)
+                      profile_tag, recipe_key, save_trained, split_features, stage2_connector)
 from .stage1 import Stage1Config
 from .train import TrainResult
 from .utils import cache_dir, seed_everything
@@ -46,6 +45,10 @@ from .utils import cache_dir, seed_everything
 CLI_TRAINING_TIME = ("about 25 minutes on a quiet 2-core CPU with bf16 (AVX512-BF16 or AMX; measured before the latest "
                      "speed-ups), about 45 on one without (AVX2 only: float32; measured: 2707 and 2680 s for seeds 0 and 1)")
 ADAPTER_FILE = "adapter_model.safetensors"     # PEFT's name for the LoRA weights
+MODEL_FILE = "model.safetensors"               # connector and projection (SoftPromptCaptioner.save_pretrained)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# What every captioner's config.json holds (Captioner.save_pretrained); "lora" is null without LoRA.
+CAPTIONER_KEYS = ("bridge", "connector", "connector_size", "llm", "lora")
 CONNECTORS = ("qformer", "meanpool", "linear")
 # LoRA settings of notebook 06's ablation rows (and the command line), chosen on the dev split (40 steps, one seed):
 # with LoRA the LLM itself adapts, so the stage-1 Q-Former stays frozen (its outputs are computed once) and lr 1e-3
@@ -104,7 +107,7 @@ class CaptionerRecipe:
             raise ValueError("the base stage-2 model was trained with another prompt than stage2.prompt")
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return recipe_key(self)
 
     def bridge_config(self):
         return replace(bridge_config(self.stage2), padding=self.padding)
@@ -250,7 +253,13 @@ class Captioner(SoftPromptCaptioner):
 
         config = read_config(path)
         profile = _profile(profile or config.get("profile"))
-        model = super().from_pretrained(path, llm or load_llm(profile)).to(profile.device)
+        llm = llm or load_llm(profile)
+        try:
+            model = super().from_pretrained(path, llm)
+        except (RuntimeError, KeyError, TypeError) as error:     # weights of another connector, or a bad setting
+            raise ModelFolderError(f"model folder {path}: {MODEL_FILE} does not fit the connector config.json "
+                                   f"describes ({str(error).splitlines()[0][:200]})") from None
+        model = model.to(profile.device)
         model.profile_name, model.vision_name = config.get("profile"), config.get("vision")
         model.recipe = CaptionerRecipe.from_dict(config["recipe"]) if config.get("recipe") else None
         if config.get("lora"):
@@ -259,20 +268,66 @@ class Captioner(SoftPromptCaptioner):
             result = set_peft_model_state_dict(model.llm_model, state)
             missing = [k for k in result.missing_keys if "lora_" in k]
             if missing or result.unexpected_keys:
-                raise ValueError(f"{path}/{ADAPTER_FILE} does not fit the LoRA settings in config.json: "
-                                 f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+                raise ModelFolderError(f"model folder {path}: {ADAPTER_FILE} does not fit the LoRA settings in "
+                                       f"config.json: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
         return model.eval()
 
 
+class ModelFolderError(ValueError):
+    """A model folder that is not a captioner, lacks or has extra weight files, or is damaged (names folder and file)."""
+
+
+def check_weights(path: Path, name: str) -> None:
+    """Every tensor of ``path/name`` can be read and is finite; else ModelFolderError("model folder ... is damaged")."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path / name), framework="pt") as f:
+            bad = [k for k in f.keys() if not torch.isfinite(f.get_tensor(k)).all()]
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelFolderError(f"model folder {path} is damaged: {name} cannot be read ({error}); "
+                               f"train it again or restore it") from None
+    if bad:
+        raise ModelFolderError(f"model folder {path} is damaged: {name} holds NaN or infinite weights "
+                               f"({', '.join(bad[:3])})")
+
+
 def read_config(path) -> dict:
-    """config.json of a saved captioner, with a clear error when the folder or the file is missing."""
+    """config.json of a saved captioner, after checking the folder: FileNotFoundError when it or config.json is
+    missing; ModelFolderError (naming the folder and what is wrong) when config.json is not valid JSON or does not
+    describe a captioner, or a weight file is missing, extra (an adapter config.json does not ask for) or damaged."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no saved captioner at {path}: the folder does not exist "
                                 f"(train one with: python -m vlmcourse train captioner --out {path})")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no saved captioner at {path} (config.json missing)")
-    return json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"model folder {path} is damaged: {path / 'config.json'} is not valid JSON "
+                               f"({error})") from None
+    missing = [k for k in CAPTIONER_KEYS if not isinstance(config, dict) or k not in config]
+    if missing:
+        what = ("a stage-1 model" if "stage1" in config else "a stage-2 model" if "bridge" in config
+                else "something else") if isinstance(config, dict) else "no object"
+        raise ModelFolderError(f"model folder {path} is not a captioner: its config.json describes {what} "
+                               f"(no {', '.join(missing)}); give a folder saved by 'python -m vlmcourse train "
+                               f"captioner'")
+    # Weight files: exactly the ones config.json describes, each readable (no silent fallback to fewer weights).
+    expected = {MODEL_FILE, *([ADAPTER_FILE] if config["lora"] else [])}
+    present = {p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)}
+    if expected - present:
+        raise ModelFolderError(f"model folder {path} is damaged: {', '.join(sorted(expected - present))} missing")
+    if present - expected:
+        extra = ", ".join(sorted(present - expected))
+        reason = "config.json has no LoRA settings, so this adapter would be ignored" if ADAPTER_FILE in present \
+            else "config.json does not describe them"
+        raise ModelFolderError(f"model folder {path} holds {extra}, but {reason}: remove the file or use the "
+                               f"folder it came from")
+    for name in sorted(expected):
+        check_weights(path, name)
+    return config
 
 
 def build_connector(profile: Profile, recipe: CaptionerRecipe, vision) -> tuple[nn.Module, int]:
@@ -312,7 +367,7 @@ def train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecip
 
 
 def captioner_dir(profile: Profile, recipe: CaptionerRecipe) -> Path:
-    return cache_dir("models") / f"captioner-{profile.name}-{recipe.key()}"
+    return cache_dir("models") / f"captioner-{profile_tag(profile)}-{recipe.key()}"
 
 
 def load_or_train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecipe | None = None,
@@ -352,12 +407,16 @@ def swapped_image_captions(model: SoftPromptCaptioner, image_embeds: torch.Tenso
 
     Returns {"captions": the swapped captions, "changed": the fraction of photos whose caption differs from
     its own-image caption (``captions``, generated when not given)}. Near 0: the captions ignore the image.
+
+    Greedy decoding is a function of the soft prompts alone (the prompt is the same for every photo), so photo i's
+    swapped caption *is* photo i - ``shift``'s own caption: it is read off, not generated again. ``captions`` must
+    then be this model's greedy captions of ``image_embeds`` with this ``max_new_tokens``.
     """
     if captions is None:
         captions = model.generate(image_embeds, max_new_tokens, batch_size=batch_size)
-    soft = torch.cat([model.soft_prompts(image_embeds[i:i + batch_size])
-                      for i in range(0, len(image_embeds), batch_size)])
-    swapped = model.generate(soft_prompts=soft.roll(shift, 0), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if len(captions) != len(image_embeds):
+        raise ValueError(f"{len(image_embeds)} photos but {len(captions)} own captions")
+    swapped = [captions[(i - shift) % len(captions)] for i in range(len(captions))]
     changed = sum(a != b for a, b in zip(captions, swapped)) / max(1, len(captions))
     return {"captions": swapped, "changed": changed}
 
@@ -426,7 +485,7 @@ def evaluate_captioner(model: Captioner | str | os.PathLike, profile: Profile | 
                        split: str = "test", data_root=None, max_new_tokens: int = 30) -> dict:
     """The captioner (or the folder it was saved to) on ``split``, against the baselines, with the same metrics.
 
-    Returns {"split", "captions" (how many), "bleu4", "cider", "distinct", "empty", "p_eos_first",
+    Returns {"split", "captions" (how many), "bleu4", "cider", "distinct", "empty", "p_eos_first", "unreadable_images",
     "changed_when_swapped", "blank_image": {bleu4, cider, caption}, "nearest_neighbour": {bleu4, cider},
     "constant": {bleu4, cider, caption}, "predictions": [{"image_id", "caption"}]}.
     """
@@ -456,7 +515,9 @@ def evaluate_captioner(model: Captioner | str | os.PathLike, profile: Profile | 
     def scores(m):
         return {"bleu4": m["BLEU-4"], "cider": m["CIDEr-D"]}
 
+    read = set(feats.image_ids)
     return {"split": split, "captions": len(report["captions"]), **scores(report), "distinct": report["distinct"],
+            "unreadable_images": [i for i in ds.image_ids if i not in read],     # skipped: scored without them
             "empty": report["empty"], "p_eos_first": report["P(EOS) first"], "changed_when_swapped": swapped["changed"],
             "blank_image": {**scores(blank), "caption": blank["captions"][0]},
             "nearest_neighbour": scores(neighbour), "constant": {**scores(fixed), "caption": constant},

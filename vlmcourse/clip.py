@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmcourse.train import TrainConfig, TrainResult, train
+from vlmcourse.utils import progress_bar
 
 __all__ = [
     "LOGIT_SCALE_INIT",
@@ -355,9 +356,7 @@ def encode_captions(
     flat = [s for caps in captions for s in caps]
     chunks = range(0, len(flat), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="encode captions", leave=False)
+        chunks = progress_bar(chunks, desc="encode captions", leave=False)
     pooled = []
     for start in chunks:
         batch = text_encoder.tokenize(flat[start : start + batch_size])
@@ -653,9 +652,7 @@ def clip_embeddings(
     def batches(items):
         starts = range(0, len(items), batch_size)
         if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, leave=False)
+            starts = progress_bar(starts, leave=False)
         return (items[s : s + batch_size] for s in starts)
 
     image_embeds = []

@@ -18,13 +18,17 @@ import hashlib
 import json
 import os
 import re
+import stat
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from .utils import progress_bar
 
 DATA_ENV = "VLMCOURSE_DATA"
 SPLITS = ("train", "dev", "test")
@@ -84,11 +88,23 @@ def _image_name(name: str) -> str:
     return name if Path(name).suffix else name + ".jpg"
 
 
+@contextmanager
+def open_annotation(path: Path, newline: str | None = None):
+    """An annotation file opened as text: a UTF-8 byte-order mark (common from Windows editors) is skipped, and
+    bytes that are not UTF-8 are a CaptionFormatError naming the file, not a UnicodeDecodeError."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            yield f
+    except UnicodeDecodeError as error:
+        raise CaptionFormatError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} cannot be decoded); "
+                                 f"save it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def read_token_file(path: Path) -> dict[str, list[str]]:
     """``NAME.jpg#K<TAB>caption`` lines -> {name: [captions]}."""
     captions: dict[str, list[str]] = {}
     pattern = re.compile(r"^(?P<name>[^#\t]+)#(?P<k>\d+)\t(?P<caption>.*\S.*)$")
-    with open(path, encoding="utf-8") as f:
+    with open_annotation(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -103,7 +119,7 @@ def read_token_file(path: Path) -> dict[str, list[str]]:
 def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
     """The Kaggle ``captions.txt`` (CSV with header ``image,caption``) -> {name: [captions]}."""
     captions: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    with open_annotation(path, newline="") as f:
         rows = csv.reader(f)
         header = next(rows, None)
         if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
@@ -123,7 +139,8 @@ def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
 def read_karpathy_json(path: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Karpathy's ``dataset_flickr8k.json`` -> ({name: [captions]}, {split: [names]})."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        with open_annotation(path) as f:
+            data = json.loads(f.read())
     except json.JSONDecodeError as error:
         raise CaptionFormatError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
     captions, splits = {}, {s: [] for s in SPLITS}
@@ -132,10 +149,13 @@ def read_karpathy_json(path: Path) -> tuple[dict[str, list[str]], dict[str, list
             name = _image_name(entry["filename"])
             sents = [s["raw"].strip() if "raw" in s else " ".join(s["tokens"]) for s in entry["sentences"]]
             split = SPLIT_ALIASES.get(entry["split"], entry["split"])
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, AttributeError) as error:
             raise CaptionFormatError(f"{path}: images[{i}] lacks {error} (needs filename, split, sentences)") from None
         if split not in splits:
             raise CaptionFormatError(f"{path}: images[{i}] has unknown split {entry['split']!r}")
+        sents = [s for s in sents if s.strip()]
+        if not sents:       # it would pass loading and crash training at its first batch
+            raise CaptionFormatError(f"{path}: images[{i}] ({name}) has no caption (its sentences are empty)")
         captions[name] = sents
         splits[split].append(name)
     if not captions:
@@ -146,7 +166,7 @@ def read_karpathy_json(path: Path) -> tuple[dict[str, list[str]], dict[str, list
 def read_split_file(path: Path) -> list[str]:
     """One image name per line (with or without .jpg)."""
     names = []
-    with open(path, encoding="utf-8") as f:
+    with open_annotation(path) as f:
         for lineno, line in enumerate(f, 1):
             name = line.strip()
             if not name:
@@ -172,6 +192,24 @@ class Flickr8kIndex:
     image_dir: Path
     captions: dict[str, list[str]]
     splits: dict[str, list[str]]
+    duplicates: int = 0     # caption rows dropped because the same image already had that caption
+
+
+def drop_duplicate_captions(captions: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
+    """Each image's captions with repeats removed (a repeated row would count twice as a reference), and how many."""
+    unique = {name: list(dict.fromkeys(caps)) for name, caps in captions.items()}
+    return unique, sum(map(len, captions.values())) - sum(map(len, unique.values()))
+
+
+def shared_images(splits: dict[str, list[str]]) -> dict[str, list[str]]:
+    """{"train and test": [names], ...}: images listed in two splits (in train and test, a leak)."""
+    shared = {}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            both = sorted(set(splits[a]) & set(splits[b]))
+            if both:
+                shared[f"{a} and {b}"] = both
+    return shared
 
 
 def _find_image_dir(root: Path) -> Path:
@@ -204,7 +242,18 @@ def read_annotations(root: str | os.PathLike | None = None, layout: str = "auto"
             splits = {s: [] for s in SPLITS}
             for name in sorted(captions):
                 splits[hash_split(name)].append(name)
-    return Flickr8kIndex(root, layout, _find_image_dir(root), captions, splits)
+    captions, duplicates = drop_duplicate_captions(captions)
+    if duplicates:
+        warnings.warn(f"{path}: {duplicates} duplicate caption rows dropped (an image's caption repeated word for "
+                      f"word)", stacklevel=2)
+    splits = {s: list(dict.fromkeys(names)) for s, names in splits.items()}   # a name listed twice: once
+    for pair, names in shared_images(splits).items():
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        if pair == "train and test":
+            raise CaptionFormatError(f"{listed}: in both the train and test splits of {root}, a leak that would "
+                                     f"inflate every test score; remove them from one split")
+        warnings.warn(f"{listed}: in both the {pair} splits of {root}", stacklevel=2)
+    return Flickr8kIndex(root, layout, _find_image_dir(root), captions, splits, duplicates)
 
 
 # ---------------------------------------------------------------- images
@@ -224,12 +273,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB; ImageLoadError (naming the file) if it can't be read."""
+    """Open and fully decode an image as RGB; ImageLoadError (naming the file) if it can't be read, is not a
+    regular file, or is a decompression bomb (more than ``Image.MAX_IMAGE_PIXELS`` pixels)."""
     try:
-        with Image.open(path) as image:
-            image.load()    # decode now: a truncated file fails here, not mid-batch
-            return to_rgb(image)
-    except (OSError, SyntaxError, ValueError) as error:
+        if not stat.S_ISREG(os.stat(path).st_mode):     # a FIFO or a device would block open() or never end
+            raise OSError("not a regular file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)    # a few GB of pixels: refuse
+            with Image.open(path) as image:
+                image.load()    # decode now: a truncated file fails here, not mid-batch
+                return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageLoadError(f"cannot read image {path}: {error}") from None
 
 
@@ -293,10 +347,9 @@ class Flickr8k(Dataset):
 
     def verify(self) -> list[str]:
         """Decode every image once (with a progress bar); the ids of those that fail."""
-        from tqdm.auto import tqdm
 
         bad = []
-        for i in tqdm(range(len(self)), desc=f"checking {self.split} images"):
+        for i in progress_bar(range(len(self)), desc=f"checking {self.split} images"):
             try:
                 self.load_image(i)
             except ImageLoadError:
@@ -361,6 +414,10 @@ def load_flickr8k(split: str = "train", profile=None, transform=None, root=None,
     from .profiles import Profile, get_profile
 
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    if profile.data == "shapes":          # the synthetic world of shapes.py (data="shapes")
+        from .shapes import load_shapes
+
+        return load_shapes(split, transform=transform, max_images=max_images)
     if profile.data == "local" or root is not None:
         return Flickr8k(split, root=root, transform=transform, max_images=max_images)
     return Flickr8k.from_hub(split, profile.data, transform=transform, max_images=max_images)

@@ -1,14 +1,19 @@
-"""``python -m vlmcourse doctor``: is everything the course needs here, and how fast does it load?"""
+"""``python -m vlmcourse doctor``: is everything the course needs here, and how fast does it load?
+
+The data check reads the annotations as the course does and decodes every photo of each split.
+Exit code: 0 all good, 1 only some photos are unreadable, 2 anything else missing or wrong.
+"""
 from __future__ import annotations
 
 import importlib.metadata
 import platform
 import sys
 import time
+import warnings
 
 import torch
 
-from .data import SPLITS, DataNotFoundError, Flickr8k, find_data_root
+from .data import SPLITS, DataNotFoundError, Flickr8k, find_data_root, read_annotations
 from .profiles import get_profile, hub_reachable, hub_unavailable
 from .utils import peak_memory_mb
 
@@ -23,7 +28,7 @@ def _version(name: str) -> str:
 
 
 def doctor(profile_name: str | None = None, data: str | None = None, out=sys.stdout) -> int:
-    """Print the environment, the data and each pretrained part's load time; 0 when all is well."""
+    """Print the environment, the data and each pretrained part's load time; the exit code (see the module)."""
     from .backbones import load_llm, load_text_encoder, load_vision_encoder
 
     def say(*parts):
@@ -41,12 +46,29 @@ def doctor(profile_name: str | None = None, data: str | None = None, out=sys.std
         try:
             root = find_data_root(data)
             say(f"data:     {root}")
-            for split in SPLITS:
-                ds = Flickr8k(split, root=root)
-                say(f"  {split:<5} {len(ds):>5} images {sum(map(len, ds.captions)):>6} captions ({ds.layout} layout)")
-        except (DataNotFoundError, ValueError) as error:
+            with warnings.catch_warnings(record=True) as caught:    # duplicates, shared images, missing photos
+                warnings.simplefilter("always")
+                read_annotations(root)      # a leak or a bad row stops here, before any split
+                for split in SPLITS:
+                    try:
+                        ds = Flickr8k(split, root=root)
+                    except ValueError as error:     # an empty split
+                        problems.append(f"{split} split")
+                        say(f"  {split:<5} EMPTY: {error}")
+                        continue
+                    bad = ds.verify()
+                    if bad:
+                        problems.append(f"{split} photos")
+                    say(f"  {split:<5} {len(ds):>5} images {sum(map(len, ds.captions)):>6} captions ({ds.layout} "
+                        f"layout)" + (f"; {len(bad)} unreadable: {', '.join(bad[:3])}" if bad else ""))
+            for message in dict.fromkeys(str(w.message) for w in caught if "skipped" not in str(w.message)):
+                say(f"  warning: {message}")
+        except DataNotFoundError as error:
             problems.append("data")
             say(f"data:     MISSING: {error}")
+        except ValueError as error:         # a caption or split file we cannot read, a leak between splits
+            problems.append("data")
+            say(f"data:     BAD: {error}")
     elif hub_reachable():
         say(f"data:     {profile.data} from the Hugging Face Hub (downloaded on first use)")
     else:
@@ -69,6 +91,6 @@ def doctor(profile_name: str | None = None, data: str | None = None, out=sys.std
     say(f"peak memory: {peak_memory_mb():.0f} MB")
     if problems:
         say(f"{len(problems)} problem(s): {', '.join(problems)} (see above)")
-        return 1
+        return 1 if all(p.endswith(" photos") for p in problems) else 2
     say("all good")
     return 0

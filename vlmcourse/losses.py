@@ -41,11 +41,13 @@ def positives(image_ids: list, text_image_ids: list | None = None) -> torch.Tens
 
 
 def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,
-             image_ids: list | None = None, label_smoothing: float = 0.0):
+             image_ids: list | None = None, label_smoothing: float = 0.0, rows: torch.Tensor | None = None):
     """Symmetric cross-entropy over the (B, B) max-over-queries similarities / temp.
 
     With ``image_ids``, captions of the same photo elsewhere in the batch are
     positives too (the target spreads over them), as in BLIP-2.
+    ``rows``: the images and texts whose loss this process takes (``distributed.local_rows``), compared
+    with the whole gathered batch; None: all of them.
     Returns (loss, sim_i2t) with sim_i2t already divided by the temperature.
     """
     sim_i2t = itc_similarity(image_feats, text_feats) / temp
@@ -53,21 +55,30 @@ def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Te
     pos = positives(image_ids) if image_ids is not None else torch.eye(n, dtype=torch.bool)
     targets = pos.float().to(sim_i2t.device)
     targets = targets / targets.sum(1, keepdim=True)
-    loss_i2t = F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
-    loss_t2i = F.cross_entropy(sim_i2t.t(), targets.t() / targets.t().sum(1, keepdim=True),
+
+    def take(x):        # (in this order: the gradients then add up in the order they always did, bit for bit)
+        return x if rows is None else x[rows]
+
+    loss_i2t = F.cross_entropy(take(sim_i2t), take(targets), label_smoothing=label_smoothing)
+    loss_t2i = F.cross_entropy(take(sim_i2t.t()), take(targets.t() / targets.t().sum(1, keepdim=True)),
                                label_smoothing=label_smoothing)
     return (loss_i2t + loss_t2i) / 2, sim_i2t
 
 
 def sample_hard_negatives(sim_i2t: torch.Tensor, is_positive: torch.Tensor,
-                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          generator: torch.Generator | None = None,
+                          random_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image a negative text, and for each text a negative image.
 
     Sampled from the softmax of the ITC similarities with every positive (the
     pair itself and other captions of the same photo) given probability zero:
     the more a wrong pair looks right, the more often it is chosen.
+    ``random_fraction`` of the draws (in expectation) are uniform over the negatives instead: easy
+    pairs a young ITM head can learn from before the hard ones.
     Returns (neg_text_for_image (Bi,), neg_image_for_text (Bt,)).
     """
+    if not 0.0 <= random_fraction <= 1.0:
+        raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction}")
     sim = sim_i2t.detach().float().cpu()
     is_positive = is_positive.cpu()
     if is_positive.all(1).any() or is_positive.all(0).any():
@@ -78,6 +89,10 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, is_positive: torch.Tensor,
         weights = scores.softmax(1).masked_fill(pos, 0.0)
         # All-zero rows underflow when one similarity dominates: fall back to uniform over negatives.
         weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (~pos).float())
+        if random_fraction:     # a mixture: hard with probability 1 - r, uniform with probability r
+            uniform = (~pos).float()
+            weights = ((1 - random_fraction) * weights / weights.sum(1, keepdim=True)
+                       + random_fraction * uniform / uniform.sum(1, keepdim=True))
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
     return draw(sim, is_positive), draw(sim.t(), is_positive.t())

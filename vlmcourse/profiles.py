@@ -72,10 +72,10 @@ PROFILES = {"cpu": CPUProfile, "hub": HubProfile, "tiny": TinyProfile}
 
 def get_profile(name: str | None = None, **overrides) -> Profile:
     """The profile called ``name``, else $VLMCOURSE_PROFILE, else ``cpu``."""
+    source = "the argument" if name else f"${PROFILE_ENV}" if os.environ.get(PROFILE_ENV) else "the default"
     name = (name or os.environ.get(PROFILE_ENV) or "cpu").lower()
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
-                         f"(argument or ${PROFILE_ENV})")
+        raise ValueError(f"unknown profile {name!r} (from {source}): choose one of {', '.join(PROFILES)}")
     return PROFILES[name](**overrides)
 
 

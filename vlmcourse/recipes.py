@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -36,9 +36,30 @@ class Stage1Recipe:
     seed: int = 0
     eval_every: int = 40
     model: Stage1Config = field(default_factory=lambda: Stage1Config(num_query_tokens=32, itm_batch_size=8))
+    # The parameters BERT did not initialise (Stage1Model.new_parameter_prefixes) learn at this multiple of lr.
+    new_lr_scale: float = field(default=1.0, metadata={"key": "if_changed"})
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return recipe_key(self)
+
+
+def recipe_key(recipe) -> str:
+    """A short hash of a recipe (a dataclass, nested ones included): the name of its cached model.
+
+    Options added after models were cached carry ``metadata={"key": "if_changed"}`` and count only when they
+    differ from their default: a recipe that keeps them has the key it had before they existed."""
+
+    def drop_defaults(obj, settings: dict) -> dict:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("key") == "if_changed" and value == f.default:
+                del settings[f.name]
+            elif is_dataclass(value):
+                drop_defaults(value, settings[f.name])
+        return settings
+
+    settings = drop_defaults(recipe, asdict(recipe))
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def split_features(profile: Profile, split: str, vision=None, root=None):
@@ -74,14 +95,21 @@ def train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | No
 
     batches = caption_batches(train_feats.features, captions_for(train_feats, train_ds), train_feats.image_ids,
                               recipe.batch_size)
+    lr_scales = {} if recipe.new_lr_scale == 1 else dict.fromkeys(model.new_parameter_prefixes(), recipe.new_lr_scale)
     config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
-                         eval_every=recipe.eval_every, desc="stage 1")
+                         eval_every=recipe.eval_every, desc="stage 1", lr_scales=lr_scales)
     result = train(model, batches, lambda m, b: m(**b), config, eval_fn=eval_fn)
     return model, result
 
 
+def profile_tag(profile: Profile) -> str:
+    """The profile as cached model folders name it: models trained on the shapes world (``data="shapes"``) are
+    told apart from the same recipe trained on Flickr8k."""
+    return f"{profile.name}-{profile.data}" if profile.data == "shapes" else profile.name
+
+
 def stage1_dir(profile: Profile, recipe: Stage1Recipe) -> Path:
-    return cache_dir("models") / f"stage1-{profile.name}-{recipe.key()}"
+    return cache_dir("models") / f"stage1-{profile_tag(profile)}-{recipe.key()}"
 
 
 def load_or_train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | None = None,
@@ -133,9 +161,11 @@ class Stage2Recipe:
     qformer_dropout: float | None = 0.0   # as Stage1Config.dropout
     eval_every: int = 0             # dev caption loss every N steps (0: only at the end)
     proj_lr_scale: float = 10.0     # the new projection's learning rate, as a multiple of lr (see the docstring)
+    # k > 1: batch_size // k photos, k captions each, each photo's prefix read once by the LLM (bridge.grouped_loss)
+    captions_per_image: int = field(default=1, metadata={"key": "if_changed"})
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return recipe_key(self)
 
 
 def bridge_config(recipe: Stage2Recipe):
@@ -164,7 +194,7 @@ def stage2_connector(profile: Profile, recipe: Stage2Recipe, vision=None):
 
 
 def train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | None = None, eval_split: str = "dev",
-                 llm=None):
+                 llm=None, metrics=None):
     """Stage 2 on cached image features of the train split; the dev caption loss at the end (and every
     ``recipe.eval_every`` steps). Returns (SoftPromptCaptioner, TrainResult)."""
     from .backbones import load_llm
@@ -177,16 +207,17 @@ def train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | No
     llm = llm or load_llm(profile)
     seed_everything(recipe.seed)       # the same projection init with or without stage 1
     captioner = SoftPromptCaptioner(connector, width, llm, bridge_config(recipe))
-    result = fit_captioner(captioner, profile, recipe, eval_split, vision)
+    result = fit_captioner(captioner, profile, recipe, eval_split, vision, metrics=metrics)
     return captioner.eval(), result
 
 
 def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split: str | None = "dev", vision=None,
-                  desc: str = "stage 2") -> TrainResult:
+                  desc: str = "stage 2", metrics=None) -> TrainResult:
     """Train a ``SoftPromptCaptioner`` (whatever of it requires grad) with the recipe's optimisation settings,
     on cached image features of the train split; the ``eval_split`` caption loss (first caption of each photo)
     at the end (and every ``recipe.eval_every`` steps; None: never). Shared by stage 2 and the LoRA captioner
-    (captioner.py)."""
+    (captioner.py). ``metrics(model) -> {name: value}`` adds measures of the caller's to each evaluation (e.g.
+    caption accuracy on the shapes world; a frozen connector is then swapped for its precomputed outputs)."""
     from contextlib import nullcontext
 
     from .bridge import PrecomputedConnector, caption_loss
@@ -207,9 +238,10 @@ def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split:
         eval_captions = [caps[0] for caps in captions_for(eval_feats, eval_ds)]
 
         def eval_fn(m):
-            return {f"{eval_split}_loss": caption_loss(m, eval_x, eval_captions)}
+            return {f"{eval_split}_loss": caption_loss(m, eval_x, eval_captions), **(metrics(m) if metrics else {})}
 
-    batches = caption_batches(train_x, captions_for(train_feats, train_ds), train_feats.image_ids, recipe.batch_size)
+    batches = caption_batches(train_x, captions_for(train_feats, train_ds), train_feats.image_ids, recipe.batch_size,
+                              recipe.captions_per_image)
     config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
                          eval_every=recipe.eval_every, desc=desc,
                          lr_scales={"proj.": recipe.proj_lr_scale} if recipe.proj_lr_scale != 1 else {})
@@ -219,7 +251,7 @@ def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split:
 
 
 def stage2_dir(profile: Profile, recipe: Stage2Recipe) -> Path:
-    return cache_dir("models") / f"stage2-{profile.name}-{recipe.key()}"
+    return cache_dir("models") / f"stage2-{profile_tag(profile)}-{recipe.key()}"
 
 
 def load_or_train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | None = None,
@@ -245,17 +277,62 @@ def load_or_train_stage2(profile: Profile | str | None = None, recipe: Stage2Rec
     return model, result
 
 
+SAVED_FORMAT = 1     # config.json["vlmcourse"]["format"] in a folder save_trained wrote
+
+
+def is_saved_model(path) -> bool:
+    """True when ``path`` holds a model ``save_trained`` wrote: its config.json carries the "vlmcourse" marker."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("vlmcourse"), dict) and "format" in config["vlmcourse"]
+
+
+def check_replaceable(path) -> None:
+    """FileExistsError (naming ``path``) unless ``save_trained`` may write there: nothing there yet, an empty folder,
+    or a model it wrote. Anything else may be the user's files, which a replace would delete."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a model folder: nothing was changed; choose a new or empty folder")
+    if path.is_dir() and any(path.iterdir()) and not is_saved_model(path):
+        raise FileExistsError(f"{path} is not empty and was not written by vlmcourse (no 'vlmcourse' marker in a "
+                              f"config.json): nothing was changed; choose a new or empty folder")
+
+
 def save_trained(model, recipe, result: TrainResult, path: Path) -> None:
-    """``model.save_pretrained`` plus recipe.json and history.json, written to ``path``.partial and then
-    renamed to ``path`` (replacing what was there): an interrupted run never leaves half a model."""
+    """``model.save_pretrained`` plus recipe.json and history.json, written to a sibling ``path``.partial-PID folder
+    that then takes ``path``'s place by a rename; a model already there (only one save_trained wrote: see
+    ``check_replaceable``) is moved aside first and deleted only once the new one is in place, so an interrupted run
+    never leaves half a model and never loses the old one. config.json gets the "vlmcourse" marker."""
     import os
     import shutil
 
+    from .distributed import is_main_process
+
+    if not is_main_process():      # several processes (accelerate launch) hold the same model: one writes it
+        return
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    (tmp / "history.json").write_text(json.dumps(asdict(result)))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    check_replaceable(path)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    for leftover in (tmp, old):            # from an earlier run of this process id that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**config, "vlmcourse": {"format": SAVED_FORMAT}}, indent=2))
+        (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+        (tmp / "history.json").write_text(json.dumps(asdict(result)))
+        had_model = path.exists()
+        if had_model:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if had_model:
+                os.replace(old, path)      # the new one did not make it: put the old one back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as D
 from . import losses as L
 from .qformer import QFormer, QFormerConfig
 
@@ -36,6 +37,15 @@ class Stage1Config:
     dropout: float | None = 0.0
     losses: tuple[str, ...] = ("itc", "itm", "itg")
     decoder_bos_token: str = "[unused0]"  # BLIP-2's [DEC]; an unused BERT token needs no new embedding
+    # Settings that let a short run learn (issue 17). Their defaults are the first recipe's, and a recipe's key
+    # leaves them out while they keep them (recipes.recipe_key), so models trained before keep their cache.
+    # ITM negatives drawn uniformly instead of by ITC similarity, as a fraction: early on, ITC's "hard" negatives
+    # are noise and ITM needs easy pairs to start learning.
+    itm_random_negatives: float = field(default=0.0, metadata={"key": "if_changed"})
+    # Initial std of the cross-attention logits (query and key projections scaled for unit-variance inputs).
+    # None keeps BERT's N(0, 0.02): with 384-d queries and 1280-d patches that is ~0.3, a softmax over 49 patches
+    # that starts flat (entropy ~ ln 49) and whose gradient is small.
+    cross_attention_logit_std: float | None = field(default=None, metadata={"key": "if_changed"})
 
 
 class ImageAdapter(nn.Module):
@@ -80,7 +90,20 @@ class Stage1Model(nn.Module):
         config = config or Stage1Config()
         qformer = QFormer.from_bert(text_encoder.model, num_query_tokens=config.num_query_tokens,
                                     encoder_hidden_size=image_hidden_size, dropout=config.dropout)
-        return cls(qformer, text_encoder.tokenizer, num_image_tokens, config)
+        model = cls(qformer, text_encoder.tokenizer, num_image_tokens, config)
+        if config.cross_attention_logit_std is not None:    # after the heads: they get the same init either way
+            init_cross_attention(qformer, config.cross_attention_logit_std)
+        return model
+
+    def new_parameter_prefixes(self) -> list[str]:
+        """Name prefixes of the parameters BERT did not initialise: the queries, the cross-attention layers,
+        the ITG head's transform, the image adapter, the ITC projections and temperature, the ITM head. A short
+        run trains them at a higher learning rate than the pretrained ones (``TrainConfig.lr_scales``)."""
+        cross = [f"qformer.layers.{i}.cross_attn." for i in self.qformer.config.cross_attention_layers]
+        # A BertModel has no MLM head: the LM head's transform is new too (its decoder is the word embeddings,
+        # which named_parameters() lists under the embeddings).
+        return ["qformer.query_tokens", *cross, "qformer.lm_head.", "image_adapter.", "vision_proj.", "text_proj.",
+                "temp", "itm_head."]
 
     @property
     def device(self) -> torch.device:
@@ -122,9 +145,13 @@ class Stage1Model(nn.Module):
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The configured stage-1 losses; ``loss`` is their sum."""
         image_embeds = self.image_adapter(image_embeds.to(self.device))
-        input_ids, attention_mask = self.tokenize(captions)
-        b = input_ids.shape[0]
-        image_ids = list(range(b)) if image_ids is None else list(image_ids)
+        # Several processes (distributed.py): each holds its rows of the global batch; ITC and ITM's negatives use
+        # every process's rows, gathered in the global order (in one process every D. call is the identity). The
+        # captions are tokenized together, so each process pads them as a single process would.
+        all_input_ids, all_attention_mask = self.tokenize(D.gather_objects(list(captions)))
+        input_ids, attention_mask = D.own_rows(all_input_ids), D.own_rows(all_attention_mask)
+        b = all_input_ids.shape[0]
+        image_ids = list(range(b)) if image_ids is None else D.gather_objects(list(image_ids))
         out: dict[str, torch.Tensor] = {}
 
         # ITC: one pass, queries and text side by side under the uni-modal mask. It keeps the queries' keys and
@@ -136,29 +163,34 @@ class Stage1Model(nn.Module):
         text_feats = F.normalize(self.text_proj(both.text_output[:, 0]), dim=-1)
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        itc, sim_i2t = L.itc_loss(image_feats, text_feats, self.temp, image_ids, self.config.itc_label_smoothing)
+        itc, sim_i2t = L.itc_loss(D.gather(image_feats), D.gather(text_feats), self.temp, image_ids,
+                                  self.config.itc_label_smoothing, rows=D.local_rows(b))
         if "itc" in self.config.losses:
             out["itc"] = itc
 
         if "itm" in self.config.losses:
             m = min(b, self.config.itm_batch_size or b)
             pos = L.positives(image_ids)
-            neg_text, neg_image = L.sample_hard_negatives(sim_i2t, pos, generator)
-            idx = torch.arange(m)
+            neg_text, neg_image = L.sample_hard_negatives(sim_i2t, pos, generator, self.config.itm_random_negatives)
+            # this process's positives: global rows rank, rank + N, ... < m (every process drew the same negatives
+            # for the whole batch, from the same generator)
+            idx = torch.arange(D.rank(), m, D.world_size())
+            all_embeds = D.gather(image_embeds)
             # rows: m positives, m (image, hard-negative text), m (hard-negative image, text)
             # index_select, not image_embeds[...]: two texts may pick the same hard-negative photo, and the
             # backward of [] adds their gradients with racing threads on a CPU (not bit-reproducible).
-            img = image_embeds.index_select(0, torch.cat([idx, idx, neg_image[idx]]).to(image_embeds.device))
-            ids = torch.cat([input_ids[idx], input_ids[neg_text[idx]], input_ids[idx]])
-            att = torch.cat([attention_mask[idx], attention_mask[neg_text[idx]], attention_mask[idx]])
-            out["itm"], _ = L.itm_loss(self.itm_logits(img, ids, att), m)
+            img = all_embeds.index_select(0, torch.cat([idx, idx, neg_image[idx]]).to(all_embeds.device))
+            ids = torch.cat([all_input_ids[idx], all_input_ids[neg_text[idx]], all_input_ids[idx]])
+            att = torch.cat([all_attention_mask[idx], all_attention_mask[neg_text[idx]], all_attention_mask[idx]])
+            itm, _ = L.itm_loss(self.itm_logits(img, ids, att), len(idx))
+            out["itm"] = D.global_mean(itm, 3 * len(idx))
 
         if "itg" in self.config.losses:
             decoder_ids, labels = L.itg_inputs(input_ids, attention_mask, self.bos_id)
             gen = self.qformer(input_ids=decoder_ids, attention_mask=attention_mask,
                                past_key_values=both.past_key_values, mask_type=L.MASK_FOR_LOSS["itg"])
-            out["itg"] = L.itg_loss(gen.text_output, labels, self.config.itg_label_smoothing,
-                                    lm_head=self.qformer.lm_head)
+            itg = L.itg_loss(gen.text_output, labels, self.config.itg_label_smoothing, lm_head=self.qformer.lm_head)
+            out["itg"] = D.global_mean(itg, (labels[:, 1:] != L.IGNORE_INDEX).sum())   # processes hold unequal tokens
 
         out["loss"] = sum(out.values())
         return out
@@ -210,6 +242,19 @@ class Stage1Model(nn.Module):
                     config["num_image_tokens"], Stage1Config(**stage1))
         load_model(model, str(path / "model.safetensors"))
         return model.eval()
+
+
+def init_cross_attention(qformer: QFormer, logit_std: float) -> None:
+    """Re-draw the cross-attention query and key projections so that, for unit-variance inputs, the attention
+    logits start with std ``logit_std``. With weights of std s, a query entry has std s sqrt(H) and a key entry
+    s sqrt(D); a logit sums head_size of their products and divides by sqrt(head_size): std s^2 sqrt(H D)."""
+    hidden, width = qformer.config.hidden_size, qformer.config.encoder_hidden_size
+    std = math.sqrt(logit_std / math.sqrt(hidden * width))
+    with torch.no_grad():
+        for layer in qformer.layers:
+            if layer.cross_attn is not None:
+                nn.init.normal_(layer.cross_attn.query.weight, std=std)
+                nn.init.normal_(layer.cross_attn.key.weight, std=std)
 
 
 @torch.no_grad()
@@ -292,6 +337,36 @@ def itm_score_groups(model: Stage1Model, features: torch.Tensor, captions: list[
                           for i in range(0, n, batch_size)])
 
     return {kind: scores(ids) for kind, ids in picks.items()}
+
+
+def query_diversity(queries: torch.Tensor, threshold: float = 0.9) -> dict[str, float]:
+    """How far the Q queries of each image are from collapsing into one (BLIP-2's queries should each pull
+    out something different). ``queries``: (B, Q, D) query outputs or their ITC features. Per image, then
+    averaged over the images:
+
+    - ``mean pairwise cosine``: over the Q(Q-1) pairs of different queries (1.0: all point the same way);
+    - ``distinct queries``: how many are left when each query joins the first earlier one it has cosine
+      >= ``threshold`` with (1: collapsed, Q: all different);
+    - ``effective rank``: exp(entropy) of the normalised singular values of the (Q, D) unit vectors (1 to Q).
+    """
+    if queries.ndim != 3:
+        raise ValueError(f"queries must be (B, Q, D), got {tuple(queries.shape)}")
+    unit = F.normalize(queries.detach().float(), dim=-1)
+    cos = unit @ unit.transpose(1, 2)                                   # (B, Q, Q)
+    q = cos.shape[1]
+    off_diagonal = cos[:, ~torch.eye(q, dtype=torch.bool, device=cos.device)]
+    distinct = []
+    for image in cos:
+        leaders: list[int] = []
+        for i in range(q):
+            if not any(image[i, j] >= threshold for j in leaders):
+                leaders.append(i)
+        distinct.append(len(leaders))
+    s = torch.linalg.svdvals(unit)
+    p = s / s.sum(-1, keepdim=True)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    return {"mean pairwise cosine": off_diagonal.mean().item() if q > 1 else 1.0,
+            "distinct queries": sum(distinct) / len(distinct), "effective rank": entropy.exp().mean().item()}
 
 
 # ---------------------------------------------------------------------------- plots (notebook 04)

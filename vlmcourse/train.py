@@ -5,7 +5,9 @@ then cosine decay, gradient clipping. Batches come from ``batch_fn(step, generat
 with a generator seeded by (seed, step): a run resumed from a checkpoint sees
 exactly the batches (and dropout masks) the uninterrupted run would have seen,
 so it continues the same loss curve. It runs under ``accelerate``: the same
-code on the CPU, one GPU, or ``accelerate launch`` on several.
+code on the CPU, one GPU, or ``accelerate launch`` on several. With several
+processes every one draws the same global batch and keeps its own rows
+(``distributed.shard``); only the main one shows progress and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from .utils import release_memory
+from . import distributed as D
+from .utils import progress_bar, release_memory
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -119,7 +121,8 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
     from accelerate import Accelerator
     from accelerate.utils import send_to_device    # a batch's tensors to the model's device, the rest as is
 
-    accelerator = Accelerator()
+    D.check_launch()
+    accelerator = Accelerator(**D.accelerator_kwargs())
     model = model.to(accelerator.device)
     optimizer = make_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -132,18 +135,19 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
         start_step, result = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)
 
     began = time.perf_counter() - result.seconds
-    bar = tqdm(range(start_step, config.steps), desc=config.desc, initial=start_step, total=config.steps,
+    bar = progress_bar(range(start_step, config.steps), desc=config.desc, initial=start_step, total=config.steps,
                disable=not accelerator.is_main_process)
     for step in bar:
         model.train()
-        seed = config.seed * 1_000_003 + step * 101 + accelerator.process_index
-        torch.manual_seed(seed)                           # dropout masks depend on the step alone
-        batch = send_to_device(batch_fn(step, torch.Generator().manual_seed(seed)), accelerator.device)
+        seed = config.seed * 1_000_003 + step * 101      # the same global batch in every process
+        torch.manual_seed(seed + accelerator.process_index)   # dropout masks depend on the step (and the process)
+        batch = send_to_device(D.shard(batch_fn(step, torch.Generator().manual_seed(seed))), accelerator.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config) * group["lr_scale"]
         with autocast():
             losses = loss_fn(model, batch)
-        check_finite(losses, step)
+        reported = D.mean_over_processes(losses)          # the global batch's losses (one process: its own)
+        check_finite(reported, step)                      # so every process stops at the same step
         if step % 10 == 0:
             release_memory(collect=False)
         optimizer.zero_grad(set_to_none=True)
@@ -151,7 +155,7 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
-        row = {"step": step, "lr": lr_at(step, config), **{k: float(v.detach()) for k, v in losses.items()}}
+        row = {"step": step, "lr": lr_at(step, config), **{k: float(v.detach()) for k, v in reported.items()}}
         result.history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr")}, refresh=False)
         last = step == config.steps - 1
@@ -161,7 +165,8 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
                 result.evals.append({"step": step, **eval_fn(accelerator.unwrap_model(model))})
             model.train()
         result.seconds = time.perf_counter() - began
-        if ckpt and ((config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or last):
+        if ckpt and accelerator.is_main_process and (
+                (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or last):
             save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, step + 1, result, config)
     model.eval()
     accelerator.free_memory()       # drop the optimizer's state now: a notebook trains several models in a row
@@ -169,20 +174,32 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
     return result
 
 
-def caption_batches(features: torch.Tensor, captions: list[list[str]], image_ids: list[str], batch_size: int):
+def caption_batches(features: torch.Tensor, captions: list[list[str]], image_ids: list[str], batch_size: int,
+                    captions_per_image: int = 1):
     """A ``batch_fn`` over cached image features: ``batch_size`` different photos, one random caption each.
 
     Returns dicts with the names the stage-1 and stage-2 models take:
     image_embeds, captions, image_ids (and the step's generator, for ITM's negative sampling).
+    With ``captions_per_image`` k > 1 (stage 2): ``batch_size // k`` photos and k different captions of each
+    (all of them if it has fewer), as a list per photo, which the stage-2 captioner reads with one prefix pass
+    per photo (``SoftPromptCaptioner.grouped_loss``).
     """
     if not (len(features) == len(captions) == len(image_ids)):
         raise ValueError(f"{len(features)} feature rows, {len(captions)} caption lists, {len(image_ids)} ids")
-    batch_size = min(batch_size, len(features))
+    if not 1 <= captions_per_image <= batch_size:
+        raise ValueError(f"captions_per_image must be between 1 and batch_size ({batch_size}), "
+                         f"got {captions_per_image}")
+    photos = min(batch_size // captions_per_image, len(features))
 
     def batch_fn(step: int, generator: torch.Generator) -> dict:
-        idx = torch.randperm(len(features), generator=generator)[:batch_size].tolist()
-        picks = [int(torch.randint(len(captions[i]), (1,), generator=generator)) for i in idx]
-        return {"image_embeds": features[idx].float(), "captions": [captions[i][k] for i, k in zip(idx, picks)],
+        idx = torch.randperm(len(features), generator=generator)[:photos].tolist()
+        if captions_per_image == 1:
+            picks = [int(torch.randint(len(captions[i]), (1,), generator=generator)) for i in idx]
+            chosen = [captions[i][k] for i, k in zip(idx, picks)]
+        else:
+            chosen = [[captions[i][k] for k in torch.randperm(len(captions[i]), generator=generator)
+                       [:captions_per_image].tolist()] for i in idx]
+        return {"image_embeds": features[idx].float(), "captions": chosen,
                 "image_ids": [image_ids[i] for i in idx], "generator": generator}
 
     return batch_fn

@@ -75,3 +75,27 @@ def notebook_figures(dpi: int = 80) -> None:
         # e.g. MPLBACKEND=Agg in CI would leave plt.show() silent and the saved notebook without figures
         shell.run_line_magic("matplotlib", "inline")
     set_matplotlib_formats("jpeg")
+
+
+def in_jupyter_kernel() -> bool:
+    """True inside a Jupyter kernel (notebook, Colab, nbconvert, nbval); False in plain Python and a terminal."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A text progress bar (tqdm's plain one, not its Jupyter widget). In a notebook it goes to stdout, updates in
+    place, and a notebook saved after execution keeps its last line, where a widget bar would be stored as an
+    empty "0/100" (execute with ``coalesce_streams``: scripts/execute_notebooks.py). Elsewhere it goes to stderr,
+    so that a command's printed results stay clean."""
+    from tqdm.std import tqdm
+
+    if in_jupyter_kernel():
+        kwargs.setdefault("file", sys.stdout)
+        kwargs.setdefault("ncols", 90)     # a kernel has no terminal to measure
+    kwargs.setdefault("mininterval", 1.0)
+    return tqdm(iterable, **kwargs)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .utils import in_jupyter_kernel
+
 __all__ = [
     "cross_attention_maps",
     "query_input_similarity",
@@ -422,11 +424,9 @@ def widgets_available() -> bool:
     """
     try:
         import ipywidgets  # noqa: F401
-        from IPython import get_ipython
     except Exception:  # not installed, or an incompatible version that fails on import
         return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
+    return in_jupyter_kernel()
 
 
 def _head_label(head) -> str:

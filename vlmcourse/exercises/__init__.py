@@ -16,3 +16,18 @@ def _as_float(answer):
         return float(answer)
     except (TypeError, ValueError):
         return None
+
+
+def _run_learner(fn, name: str, how: str, *args):
+    """The learner's fn(*args); None after saying what to do when fn is None, raises or returns None."""
+    if fn is None:
+        _not_attempted(how)
+        return None
+    try:
+        got = fn(*args)
+    except Exception as error:  # the learner's code: report, don't crash the notebook
+        print(f"✗ {name} raised {type(error).__name__}: {error}\n  Hint: {how}")
+        return None
+    if got is None:
+        _not_attempted(how + " Your function returns None so far.")
+    return got

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from vlmcourse.vit import patchify
-from vlmcourse.exercises import _not_attempted
+from vlmcourse.exercises import _not_attempted, _run_learner
 
 __all__ = ["check_sequence_length", "check_patchify", "check_patch_embedding_params"]
 
@@ -53,19 +53,11 @@ def check_patchify(fn) -> None:
     how = ("Fill in my_patchify(pixel_values, patch_size) so that it returns (B, N, P*P*C) in the same order "
            "as vlmcourse.vit.patchify, with only reshape and permute. Start by splitting H into (H/P, P) "
            "and W into (W/P, P).")
-    if fn is None:
-        _not_attempted(how)
-        return
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 12)  # a 2 x 3 grid of 4 x 4 patches, not square on purpose
     expected = patchify(x, 4)
-    try:
-        got = fn(x, 4)
-    except Exception as error:  # the learner's code: report, don't crash the notebook
-        print(f"✗ my_patchify raised {type(error).__name__}: {error}\n  Hint: {how}")
-        return
+    got = _run_learner(fn, "my_patchify", how, x, 4)
     if got is None:
-        _not_attempted(how + " Your function returns None so far.")
         return
     if not isinstance(got, torch.Tensor):
         print(f"✗ my_patchify returned a {type(got).__name__}, not a tensor.")

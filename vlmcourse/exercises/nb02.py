@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from vlmcourse.clip import chance_recall, info_nce
-from vlmcourse.exercises import _not_attempted, _as_float
+from vlmcourse.exercises import _not_attempted, _as_float, _run_learner
 
-__all__ = ["EXERCISE_SIMILARITY", "EXERCISE_TEMPERATURE", "check_info_nce", "check_chance_recall",
+__all__ = ["EXERCISE_SIMILARITY", "EXERCISE_TEMPERATURE", "check_info_nce", "check_info_nce_fn",
+           "check_chance_recall",
            "check_temperature_limit"]
 
 # Exercise 1: cosine similarities of 3 images (rows) and their 3 captions (columns).
@@ -65,8 +66,58 @@ def check_info_nce(answer, similarity: torch.Tensor = EXERCISE_SIMILARITY,
               f"-log_softmax(logits[i])[i]; loss_cols the same for logits.T; answer (loss_rows + loss_cols) / 2.")
 
 
+def check_info_nce_fn(fn) -> None:
+    """Exercise 2: the learner's info_nce(logits) against vlmcourse.clip.info_nce, on two batch sizes."""
+    how = ("Fill in my_info_nce(logits): logits is (N, N), row i = image i, column j = caption j, the right pairs "
+           "on the diagonal. Return a 0-d tensor: the average of the cross-entropy over the rows and the one over "
+           "the columns, target = the diagonal (F.cross_entropy or log_softmax; not vlmcourse.clip).")
+    torch.manual_seed(0)
+    cases = [(torch.randn(5, 5) * 3).requires_grad_(),  # not symmetric: rows and columns give different losses
+             (EXERCISE_SIMILARITY / EXERCISE_TEMPERATURE).requires_grad_()]
+    for logits in cases:
+        got = _run_learner(fn, "my_info_nce", how, logits)
+        if got is None:
+            return
+        n = len(logits)
+        if not isinstance(got, torch.Tensor):
+            print(f"✗ my_info_nce returned a {type(got).__name__}, not a tensor. Hint: training calls "
+                  f"loss.backward(), so keep the result a tensor (no .item(), no float()).")
+            return
+        if got.numel() != 1:
+            print(f"✗ For a {n} x {n} batch expected one number, got shape {tuple(got.shape)}. "
+                  f"Hint: average the per-pair losses (.mean(), or F.cross_entropy's default reduction).")
+            return
+        if not got.requires_grad:
+            print("✗ The result carries no gradient. Hint: compute it from logits with torch operations "
+                  "(no torch.no_grad(), .detach() or torch.tensor(...) around numbers).")
+            return
+        value, expected = got.item(), info_nce(logits).item()
+        diag = torch.arange(n)
+        rows = F.cross_entropy(logits, diag).item()
+        cols = F.cross_entropy(logits.T, diag).item()
+        close = lambda x: math.isclose(value, x, rel_tol=1e-4, abs_tol=1e-5)  # noqa: E731
+        if close(expected):
+            continue
+        if close(rows) or close(cols):
+            which = "rows (image → caption)" if close(rows) else "columns (caption → image)"
+            hint = (f"that is the loss over the {which} only; CLIP's loss is symmetric: average it with the "
+                    f"other direction (logits.T, or log_softmax over the other dim).")
+        elif close(rows + cols) or close(n * expected) or close(n * (rows + cols)):
+            hint = "that is a sum; average over the N pairs and over the 2 directions."
+        elif close(-expected):
+            hint = "the sign is flipped: the loss is MINUS the log-probability of the right pair."
+        else:
+            hint = ("loss_rows = mean_i −log_softmax(logits, dim=1)[i, i]; loss_cols = mean_j "
+                    "−log_softmax(logits, dim=0)[j, j]; return (loss_rows + loss_cols) / 2.")
+        print(f"✗ On a {n} x {n} batch my_info_nce gives {value:.4f}, vlmcourse.clip.info_nce {expected:.4f}.\n"
+              f"  Hint: {hint}")
+        return
+    print("✓ my_info_nce matches vlmcourse.clip.info_nce on a 5 x 5 and a 3 x 3 batch, gradient included: "
+          "two cross-entropies, one per direction, averaged.")
+
+
 def check_chance_recall(answer, n_images: int = 76, k: int = 5) -> None:
-    """Exercise 2: Recall@K text→image of a random ranking (as a fraction)."""
+    """Exercise 3: Recall@K text→image of a random ranking (as a fraction)."""
     if answer is None:
         _not_attempted(
             f"A caption is scored against all {n_images} test photos; a model that guesses puts its own photo "
@@ -101,7 +152,7 @@ _TEMPERATURE_CHOICES = {
 
 
 def check_temperature_limit(answer) -> None:
-    """Exercise 3: what softmax(s / T) does as the temperature T -> 0."""
+    """Exercise 4: what softmax(s / T) does as the temperature T -> 0."""
     if answer is None:
         options = "\n  ".join(f"{k}) {v}" for k, v in _TEMPERATURE_CHOICES.items())
         _not_attempted(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from vlmcourse.qformer import MASK_TYPES, Attention, QFormerConfig, self_attention_mask
-from vlmcourse.exercises import _not_attempted
+from vlmcourse.exercises import _not_attempted, _run_learner
 
-__all__ = ["check_itg_mask", "check_cross_attention_params", "check_masks_that_leak_text", "cross_attention_params"]
+__all__ = ["check_itg_mask", "check_self_attention_mask", "check_cross_attention_params", "check_masks_that_leak_text", "cross_attention_params"]
 
 
 # ----------------------------------------------------------------------------- exercise 1
@@ -118,3 +118,87 @@ def check_masks_that_leak_text(answer) -> None:
         print("✗ Not quite. Hint: one of the masks is all True: there, queries see the text too.")
     else:
         print("✗ Not quite. Hint: under ITC and ITG, do the query rows have any True in a text column?")
+
+
+# ----------------------------------------------------------------------------- exercise 2 (code)
+_MASK_WHY = {  # (block, expected value) -> why, for the first block the learner got wrong
+    ("queries → text", False): "the queries may not read the text here, or the image summary could copy the caption.",
+    ("queries → text", True): "under ITM everyone sees everyone: the queries read the caption to judge the match.",
+    ("text → queries", False): "under ITC the text is encoded on its own: no text row has a query column.",
+    ("text → queries", True): "the text reads every query: that is how the image reaches the text.",
+    ("queries → queries", True): "queries always see all the queries.",
+}
+
+
+def _mask_blocks(mask: torch.Tensor, Q: int, real: torch.Tensor) -> dict:
+    """The four blocks of one (Q+T, Q+T) mask, restricted to real text positions."""
+    text = torch.arange(real.numel())[real] + Q
+    query = torch.arange(Q)
+    return {"queries → queries": mask[query][:, query], "queries → text": mask[query][:, text],
+            "text → queries": mask[text][:, query], "text → text": mask[text][:, text]}
+
+
+def check_self_attention_mask(fn) -> None:
+    """Exercise 2: the learner's three masks against vlmcourse.qformer.self_attention_mask.
+
+    ``fn(mask_type, num_query_tokens, attention_mask)`` must return a (B, Q+T, Q+T) bool tensor.
+    """
+    how = ("Fill in my_self_attention_mask(mask_type, num_query_tokens, attention_mask): return a (B, Q+T, Q+T) "
+           "bool tensor, True where position i (row) may attend to position j (column), queries first, then "
+           'text, for mask_type "itc", "itm" and "itg"; columns of padding (attention_mask 0) are False in every row.')
+    Q, attention_mask = 3, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # the second caption is padded
+    B, T = attention_mask.shape
+    lines = []
+    for mask_type in MASK_TYPES:
+        name = f"my_self_attention_mask({mask_type!r}, {Q}, attention_mask)"
+        got = _run_learner(fn, name, how, mask_type, Q, attention_mask.clone())
+        if got is None:
+            return
+        if not isinstance(got, torch.Tensor):
+            print(f"✗ {name} returned a {type(got).__name__}, not a tensor.")
+            return
+        if tuple(got.shape) != (B, Q + T, Q + T):
+            hint = ("one mask per caption: captions have different padding, so keep the batch dimension."
+                    if tuple(got.shape) == (Q + T, Q + T) else "rows and columns are the Q queries, then the T tokens.")
+            print(f"✗ {name}: expected shape {(B, Q + T, Q + T)} for B={B}, Q={Q}, T={T}, got {tuple(got.shape)}.\n"
+                  f"  Hint: {hint}")
+            return
+        got = got.bool()
+        expected = self_attention_mask(mask_type, Q, attention_mask)
+        if torch.equal(got, expected):
+            lines.append(f"✓ {mask_type}")
+            continue
+        hint = None
+        for b in range(B):
+            real = attention_mask[b].bool()
+            mine, ref = _mask_blocks(got[b], Q, real), _mask_blocks(expected[b], Q, real)
+            for block in mine:
+                if torch.equal(mine[block], ref[block]):
+                    continue
+                if block == "text → text":
+                    if mask_type != "itg":
+                        hint = "here the text is bidirectional: every text token sees every real text token."
+                    elif mine[block].triu(1).any():
+                        hint = "ITG is causal: a text token sees the text up to itself, never later words."
+                    elif not mine[block].diagonal().all():
+                        hint = "a text token also sees itself (the diagonal): position j <= position i."
+                    else:
+                        hint = "a text token sees every earlier text token and itself (lower triangle)."
+                else:
+                    hint = _MASK_WHY[block, bool(ref[block].all())]
+                hint = f"{block}: {hint}"
+                break
+            if hint:
+                break
+        if hint is None:
+            pad_columns = got[:, :, Q:][~attention_mask.bool()[:, None, :].expand(B, Q + T, T)]
+            if pad_columns.any():
+                hint = "nobody may read padding: the columns of [PAD] tokens are False in every row."
+            else:
+                hint = ("only the columns of padding are masked, not its rows: a row with nothing allowed makes the "
+                        "softmax divide by zero (NaN); a [PAD] token's own output is ignored anyway.")
+        lines.append(f"✗ {mask_type}: {hint}")
+    if all(line.startswith("✓") for line in lines):
+        print("✓ All three masks match vlmcourse.qformer.self_attention_mask, padding included.")
+    else:
+        print("\n".join(lines))

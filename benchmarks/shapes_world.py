@@ -1,0 +1,131 @@
+"""Train the real models (cpu profile: EfficientNet-Lite0 features, MiniLM-initialised Q-Former, SmolLM2-135M) on the
+shapes world (vlmcourse/shapes.py) and print the figures issue 16 asks of the notebook sections.
+
+- stage 1 (notebook 02/04): image->text R@1 on the test split, a retrieved caption counting as right when it
+  describes the photo's scene; ITM: share of photos whose own caption scores above a random one and above a hard
+  negative (the same layout, one attribute changed);
+- attention (notebook 07): per object, the share of attention that the query looking at it most puts on the
+  object's cells, per cross-attention layer (heads averaged), against a uniform map (cells / 49);
+- stage 2 (notebook 05): colour, shape and position named right per test object, from the stage-1 Q-Former and
+  from a fresh one, with the dev accuracy every ``--eval-every`` steps (the learning curve: steps to 90%), and the
+  composition split (colour-shape pairs no train photo shows).
+
+Settings are chosen on dev (the curve); test and composition are measured once at the end. Stage 1 is cached
+under the shapes profile's model folder (``stage1-cpu-shapes-KEY``), like the notebooks' models. Prints one
+JSON object per part. Run by hand, on a quiet machine:
+
+    python benchmarks/shapes_world.py                       # stage 1, attention, both stage-2 runs
+    python benchmarks/shapes_world.py --parts stage1 --stage1-steps 100 --queries 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from vlmcourse import get_profile
+from vlmcourse.backbones import load_llm, load_vision_encoder
+from vlmcourse.losses import itc_similarity
+from vlmcourse.recipes import CHAT_PROMPT, Stage1Recipe, Stage2Recipe, load_or_train_stage1, split_features, train_stage2
+from vlmcourse.shapes import (attention_on_objects, caption_accuracy, caption_endings, itm_win_rates,
+                              scene_recall_at_1)
+from vlmcourse.stage1 import Stage1Config, itc_features
+from vlmcourse.utils import peak_memory_mb
+from vlmcourse.viz import cross_attention_maps
+
+SPLITS = ("train", "dev", "test", "composition")
+
+
+def show(part: str, **row) -> None:
+    print(json.dumps({"part": part, **row}, default=lambda v: round(v, 4) if isinstance(v, float) else str(v)),
+          flush=True)
+
+
+def stage1_figures(model, feats, ds) -> dict:
+    sim = itc_similarity(*itc_features(model, feats.features, ds.captions))
+    return {"i2t R@1 (scene)": scene_recall_at_1(sim, ds.captions, ds.objects),
+            **{f"ITM own {k}": v for k, v in itm_win_rates(model, feats.features, ds.captions, ds.objects).items()}}
+
+
+def attention_figures(model, feats, ds, grid) -> list[dict]:
+    with torch.no_grad():
+        maps = cross_attention_maps(model.qformer, model.image_adapter(feats.features.float()), grid)
+    uniform = sum(len(o["cells"]) for objs in ds.objects for o in objs) / sum(map(len, ds.objects)) / (grid[0] * grid[1])
+    rows = []
+    for layer, layer_maps in enumerate(maps):
+        top = attention_on_objects(layer_maps.mean(1), ds.objects)
+        rows.append({"cross-attention layer": layer, "top query's mass on the object (mean)": float(top.mean()),
+                     "objects with >= half": float((top >= 0.5).float().mean()), "uniform": uniform})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="*", default=["stage1", "stage2"], choices=["stage1", "stage2"])
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--stage1-steps", type=int, default=60)
+    parser.add_argument("--stage1-lr", type=float, default=3e-4)
+    parser.add_argument("--new-lr-scale", type=float, default=1.0)
+    parser.add_argument("--stage2-steps", type=int, default=60)
+    parser.add_argument("--stage2-lr", type=float, default=3e-4)
+    parser.add_argument("--stage2-batch", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train stage 2 from a fresh Q-Former")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    profile = get_profile("cpu", data="shapes")
+    vision = load_vision_encoder(profile)
+    began = time.perf_counter()
+    data = {s: split_features(profile, s, vision) for s in SPLITS}
+    show("features", seconds=time.perf_counter() - began, images={s: len(f) for s, (f, _) in data.items()})
+    stage1 = Stage1Recipe(steps=args.stage1_steps, lr=args.stage1_lr, batch_size=32, warmup_steps=10, seed=args.seed,
+                          eval_every=0, new_lr_scale=args.new_lr_scale,
+                          model=Stage1Config(num_query_tokens=args.queries, itm_batch_size=8))
+
+    if "stage1" in args.parts:
+        began = time.perf_counter()
+        model, result = load_or_train_stage1(profile, stage1)
+        show("stage 1", recipe=stage1, train_s=result.seconds, with_setup_s=time.perf_counter() - began,
+             s_per_step=result.seconds / stage1.steps, dev=result.evals[-1] if result.evals else None,
+             **{split: stage1_figures(model, *data[split]) for split in ("dev", "test", "composition")})
+        for row in attention_figures(model, *data["test"], vision.grid_size):
+            show("attention (test)", **row)
+
+    if "stage2" in args.parts:
+        llm = load_llm(profile)
+        dev_feats, dev = data["dev"]
+        max_new = 40
+
+        def dev_accuracy(m):
+            return {"dev_attributes": caption_accuracy(m.generate(dev_feats.features, max_new_tokens=max_new),
+                                                       dev.objects)["all"]}
+
+        for name, source in (("from stage 1", stage1), ("fresh Q-Former", None)):
+            if source is None and not args.fresh:
+                continue
+            recipe = Stage2Recipe(steps=args.stage2_steps, lr=args.stage2_lr, batch_size=args.stage2_batch,
+                                  warmup_steps=5, prompt=CHAT_PROMPT, max_caption_tokens=32, seed=args.seed,
+                                  stage1=source, num_query_tokens=args.queries, eval_every=args.eval_every)
+            began = time.perf_counter()
+            model, result = train_stage2(profile, recipe, llm=llm, metrics=dev_accuracy)
+            trained = time.perf_counter() - began
+            curve = {e["step"] + 1: round(e["dev_attributes"], 3) for e in result.evals}
+            reached = next((step for step, acc in curve.items() if acc >= 0.9), None)
+            row = {"start": name, "recipe": recipe, "train_s": result.seconds, "with_setup_s": trained,
+                   "dev curve (step: attributes right)": curve, "steps to 90% on dev": reached}
+            for split in ("test", "composition"):
+                feats, ds = data[split]
+                captions = model.generate(feats.features, max_new_tokens=max_new)
+                row[split] = {**caption_accuracy(captions, ds.objects),
+                              **caption_endings(captions, model.tokenizer, max_new), "examples": captions[:3]}
+            show("stage 2", **row)
+            del model
+    show("done", peak_memory_mb=peak_memory_mb(), threads=torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The shapes world (vlmcourse/shapes.py): the generator's ground truth, and models that learn on it.
+
+The first tests check the world itself: deterministic, its ground truth true to the pixels, its splits apart.
+The training tests run the package's own Stage1Model on it (the tiny profile's BERT, a random 32-px patch
+encoder) and check that learning happened, with a margin under what it reaches (given above the thresholds).
+"""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from vlmcourse import shapes
+from vlmcourse.shapes import ShapesConfig, describes, load_shapes, object_correct, parse_caption
+
+SMALL = ShapesConfig(n_train=24, n_dev=8, n_test=8, n_composition=8)
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# ---------------------------------------------------------------- the generator
+
+def test_generator_is_deterministic_from_its_seed(tmp_cache):
+    a = shapes.scenes("train", SMALL)
+    assert a == shapes.scenes("train", SMALL)
+    assert a != shapes.scenes("train", ShapesConfig(**{**SMALL.__dict__, "seed": 1}))
+    image1, _ = shapes.render(a[0], seed=3)
+    image2, _ = shapes.render(a[0], seed=3)
+    assert np.array_equal(np.asarray(image1), np.asarray(image2))
+    ds = load_shapes("train", config=SMALL)
+    again = load_shapes("train", config=SMALL)      # read back from the cache, not redrawn
+    assert again.image_ids == ds.image_ids and again.captions == ds.captions and again.objects == ds.objects
+    item = ds[0]
+    assert item["pixel_values"].shape == (3, 224, 224) and item["image_id"] == ds.image_ids[0]
+    assert len(item["captions"]) == 5 and len(set(item["captions"])) == 5
+
+
+def test_ground_truth_matches_the_pixels(tmp_cache):
+    ds = load_shapes("test", config=SMALL)
+    counts = set()
+    for i in range(len(ds)):
+        pixels = np.asarray(ds.load_image(i)).astype(int)
+        objects = ds.objects[i]
+        counts.add(len(objects))
+        assert len({o["shape"] for o in objects}) == len(objects)          # "the circle" names one object
+        assert len({o["position"] for o in objects}) == len(objects)
+        for o in objects:
+            colour = np.array(shapes.COLOURS[o["colour"]])
+            close = np.abs(pixels - colour).max(-1) <= 30                    # pixels of this object's colour
+            cover = shapes.cell_cover(close)                                # share of each 32-px patch
+            cells = {tuple(c) for c in o["cells"]}
+            assert cells, o
+            # every cell of the object holds its colour, and the object sits in the layout cell it is named by
+            assert all(cover[r, c] > 0.05 for r, c in cells), (o, cover.round(2))
+            rows, cols = zip(*cells)
+            assert 7 * o["row"] / 3 - 1 <= np.mean(rows) <= 7 * (o["row"] + 1) / 3
+            assert 7 * o["col"] / 3 - 1 <= np.mean(cols) <= 7 * (o["col"] + 1) / 3
+            assert shapes.POSITION_NAMES[f"{shapes.ROWS[o['row']]} {shapes.COLS[o['col']]}"] == o["position"]
+            # a large object covers more patches than a small one of the same shape would
+            assert len(cells) >= (3 if o["size"] == "large" else 1)
+        # every caption describes the scene; the QA pairs answer from the ground truth
+        assert all(describes(c, objects) for c in ds.captions[i])
+        qa = {q["question"]: q["answer"] for q in ds.qa[i]}
+        assert qa["how many shapes are there?"] == ("one" if len(objects) == 1 else "two")
+        for o in objects:
+            assert qa[f"what colour is the {o['shape']}?"] == o["colour"]
+            assert qa[f"where is the {o['shape']}?"] == o["position"]
+    assert counts == {1, 2}
+
+
+def test_splits_are_disjoint_and_composition_is_unseen(tmp_cache):
+    config = ShapesConfig(n_train=300, n_dev=40, n_test=40, n_composition=40)
+    held = set(config.held_out)
+    ids = {s: set(load_shapes(s, config=config).image_ids) if s != "train" else None for s in shapes.SPLITS}
+    train_pairs = {(o["colour"], o["shape"]) for objs in shapes.scenes("train", config) for o in objs}
+    assert train_pairs == {(c, s) for c in shapes.COLOURS for s in shapes.SHAPES} - held   # all others are seen
+    for split in ("dev", "test"):
+        assert not held & {(o["colour"], o["shape"]) for objs in shapes.scenes(split, config) for o in objs}
+    assert all(held & {(o["colour"], o["shape"]) for o in objs} for objs in shapes.scenes("composition", config))
+    train_ids = set(load_shapes("train", config=config).image_ids)
+    for a in ("dev", "test", "composition"):
+        assert not ids[a] & train_ids
+        for b in ("dev", "test", "composition"):
+            assert a == b or not ids[a] & ids[b]
+
+
+def test_captions_are_read_back_and_hard_negatives_differ_in_one_attribute():
+    scene = [{"colour": "blue", "shape": "square", "size": "small", "position": "bottom", "row": 2, "col": 1},
+             {"colour": "green", "shape": "triangle", "size": "large", "position": "left", "row": 1, "col": 0}]
+    caption = "a small blue square at the bottom and a green triangle on the left"
+    assert parse_caption(caption) == [
+        {"colour": "blue", "shape": "square", "size": "small", "position": "bottom"},
+        {"colour": "green", "shape": "triangle", "size": None, "position": "left"}]
+    assert describes(caption, scene) and describes("A green triangle on the left and a blue square at the bottom.",
+                                                   scene)
+    assert not describes("a blue square at the bottom", scene)                       # one object missing
+    assert not describes("a large blue square at the bottom and a green triangle on the left", scene)   # size
+    assert not describes("a blue square in the bottom left and a green triangle on the left", scene)
+    assert object_correct("A blue square in the middle.", scene[0]) == {
+        "shape": True, "colour": True, "position": False, "all": False}
+    assert object_correct("", scene[0])["all"] is False
+    rng = random.Random(0)
+    for _ in range(50):
+        negative = shapes.hard_negative(scene, rng)
+        changed = [(k, a[k], b[k]) for a, b in zip(scene, negative) for k in ("colour", "shape", "position")
+                   if a[k] != b[k]]
+        assert len(changed) == 1
+        assert not any(describes(c, scene) for c in shapes.captions_of(negative))
+
+
+def test_the_recipes_run_on_shapes_through_the_profile(tmp_cache):
+    """A profile with data="shapes": the feature cache and stage 1 run unchanged, in their own model folder."""
+    from vlmcourse import get_profile, recipes
+    from vlmcourse.recipes import Stage1Recipe, load_or_train_stage1, split_features
+    from vlmcourse.stage1 import Stage1Config
+
+    profile = get_profile("tiny", data="shapes")
+    feats, ds = split_features(profile, "dev")
+    assert isinstance(ds, shapes.ShapesDataset) and feats.image_ids == ds.image_ids
+    recipe = Stage1Recipe(steps=2, batch_size=4, eval_every=0, model=Stage1Config(num_query_tokens=4))
+    load_or_train_stage1(profile, recipe)
+    assert recipes.stage1_dir(profile, recipe).name.startswith("stage1-tiny-shapes-")
+    assert recipes.stage1_dir(get_profile("tiny"), recipe).name == f"stage1-tiny-{recipe.key()}"   # as before
+
+
+# ---------------------------------------------------------------- models that learn on shapes
+# Tiny parts, so each model trains in seconds: a random 32-px patch encoder (the cpu profile's 7x7 grid) and the tiny
+# profile's BERT for the Q-Former.
+WORLD = ShapesConfig(n_train=960, n_dev=8, n_test=96, n_composition=8)
+STAGE1_STEPS, QUERIES = 400, 8
+# What these settings reached (seed 0, 96 test photos; ~40 CPU-seconds of stage-1 training): scene R@1 0.198 (chance
+# 0.012, untrained 0.021); the top query's attention on the object's cells 0.73 on average (untrained 0.20,
+# uniform 0.059).
+R1_MIN = 0.10
+ATTENTION_MIN = 0.45
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from vlmcourse.backbones import TinyVisionEncoder
+    from vlmcourse.features import compute_features
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMCOURSE_CACHE", str(tmp_path_factory.mktemp("shapes_world")))
+        torch.manual_seed(0)
+        vision = TinyVisionEncoder(224, patch_size=32).freeze()
+        train, test = (load_shapes(s, vision.transform, WORLD) for s in ("train", "test"))
+        yield {"train": train, "test": test, "train_x": compute_features(vision, train).features.float(),
+               "test_x": compute_features(vision, test).features.float()}
+
+
+def _fit(model, world, loss_fn, steps, lr_scales):
+    from vlmcourse.train import TrainConfig, caption_batches, train
+
+    batches = caption_batches(world["train_x"], world["train"].captions, world["train"].image_ids, 32)
+    return train(model, batches, loss_fn, TrainConfig(steps=steps, lr=3e-3, warmup_steps=10, seed=0,
+                                                      lr_scales=lr_scales, desc="shapes"))
+
+
+def _stage1_model():
+    from vlmcourse.backbones import load_text_encoder
+    from vlmcourse.stage1 import Stage1Config, Stage1Model
+    from vlmcourse.utils import seed_everything
+
+    seed_everything(0)
+    return Stage1Model.from_text_encoder(load_text_encoder("tiny"), 32, 49, Stage1Config(
+        num_query_tokens=QUERIES, itm_batch_size=16, losses=("itc", "itm")))
+
+
+@pytest.fixture(scope="module")
+def stage1(world):
+    """ITC and ITM, 400 steps of 32 captions (the image adapter, whose position embedding starts at zero, at 10x lr).
+    ITM does not learn here (its loss stays at the blind 0.64): no test of it yet."""
+    model = _stage1_model()
+    _fit(model, world, lambda m, b: m(**b), STAGE1_STEPS, {"image_adapter.": 10.0})
+    return model.eval()
+
+
+def test_itc_retrieval_learns(world, stage1):
+    from vlmcourse.losses import itc_similarity
+    from vlmcourse.stage1 import itc_features
+
+    test, x = world["test"], world["test_x"]
+    r1 = shapes.scene_recall_at_1(itc_similarity(*itc_features(stage1, x, test.captions)), test.captions,
+                                  test.objects)
+    flat = [c for caps in test.captions for c in caps]
+    chance = np.mean([np.mean([describes(c, objs) for c in flat]) for objs in test.objects])
+    untrained = _stage1_model().eval()
+    before = shapes.scene_recall_at_1(itc_similarity(*itc_features(untrained, x, test.captions)), test.captions,
+                                      test.objects)
+    assert r1 >= R1_MIN and r1 >= 5 * max(chance, before), (r1, chance, before)
+
+
+def test_cross_attention_concentrates_on_the_object(world, stage1):
+    from vlmcourse.viz import cross_attention_maps
+
+    test = world["test"]
+    with torch.no_grad():
+        maps = cross_attention_maps(stage1.qformer, stage1.image_adapter(world["test_x"]), (7, 7))[-1].mean(1)
+    top = shapes.attention_on_objects(maps, test.objects)
+    uniform = np.mean([len(o["cells"]) / 49 for objs in test.objects for o in objs])
+    assert float(top.mean()) >= ATTENTION_MIN and float(top.mean()) >= 4 * uniform, (float(top.mean()), uniform)
+    untrained = _stage1_model().eval()
+    with torch.no_grad():
+        before = shapes.attention_on_objects(
+            cross_attention_maps(untrained.qformer, untrained.image_adapter(world["test_x"]), (7, 7))[-1].mean(1),
+            test.objects)
+    assert float(top.mean()) >= 2 * float(before.mean()), (float(top.mean()), float(before.mean()))
