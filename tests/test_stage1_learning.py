@@ -57,10 +57,14 @@ def old_key(recipe) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-@pytest.mark.parametrize("recipe", [Stage1Recipe(), Stage2Recipe(), Stage2Recipe(stage1=None), CaptionerRecipe()],
-                         ids=["stage1", "stage2", "stage2 fresh", "captioner"])
-def test_recipes_that_keep_the_new_options_at_their_defaults_keep_their_cached_models(recipe):
-    assert recipe.key() == old_key(recipe)
+@pytest.mark.parametrize("recipe, cached", [(Stage1Recipe(), "ad94cfe2e7"), (Stage2Recipe(), "0ea35f07f9"),
+                                             (Stage2Recipe(stage1=None), "f9d85448e6"),
+                                             (CaptionerRecipe(), "ddfbc528bd"),
+                                             (CaptionerRecipe.cli_default(), "eb3e860fa3")],
+                         ids=["stage1", "stage2", "stage2 fresh", "captioner", "cli captioner"])
+def test_recipes_that_keep_the_new_options_at_their_defaults_keep_their_cached_models(recipe, cached):
+    # the literal keys are the folder names the code before these options gave (commit 8c29851)
+    assert recipe.key() == old_key(recipe) == cached
 
 
 def test_each_new_option_changes_the_key():

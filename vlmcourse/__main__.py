@@ -226,13 +226,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args) -> int:
-    from transformers.utils import logging as hf_logging
-
+    from .doctor import doctor
     from .profiles import HubUnavailableError
 
-    hf_logging.disable_progress_bar()       # no "Loading weights" bar between the command's own lines
+    if args.command != "doctor":     # doctor imports transformers itself, to report a broken install
+        from transformers.utils import logging as hf_logging
 
-    from .doctor import doctor
+        hf_logging.disable_progress_bar()       # no "Loading weights" bar between the command's own lines
 
     train = {"captioner": train_captioner_command, "stage1": train_stage_command, "stage2": train_stage_command}
     command = {"train": lambda a: train[a.what](a), "caption": caption_command, "evaluate": evaluate_command,

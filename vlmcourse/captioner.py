@@ -382,7 +382,7 @@ def load_or_train_captioner(profile: Profile | str | None = None, recipe: Captio
         history = json.loads((path / "history.json").read_text())
         return Captioner.from_pretrained(path, llm, profile), TrainResult(**history)
     model, result = train_captioner(profile, recipe, llm, eval_split)
-    save_trained(model, recipe, result, path)
+    save_trained(model, recipe, result, path, check=False)   # our cache folder
     return model, result
 
 
@@ -533,13 +533,13 @@ def load_captioner(model_dir, profile: Profile | str | None = None) -> tuple[Cap
     from .backbones import load_vision_encoder
 
     path = Path(model_dir).resolve()
-    config = read_config(path)
-    key = (str(path), (path / "config.json").stat().st_mtime_ns, str(profile))
-    if key not in _LOADED:
+    config_file = path / "config.json"
+    stamp = config_file.stat().st_mtime_ns if config_file.is_file() else None
+    key = (str(path), stamp, str(profile))
+    if stamp is None or key not in _LOADED:
         _LOADED.clear()
-        profile = _profile(profile or config.get("profile"))
-        model = Captioner.from_pretrained(path, profile=profile)
-        vision = load_vision_encoder(profile)
+        model = Captioner.from_pretrained(path, profile=profile)    # checks the folder first (read_config)
+        vision = load_vision_encoder(_profile(profile or model.profile_name))
         model.check_vision(vision)
         _LOADED[key] = model, vision
     return _LOADED[key]

@@ -132,5 +132,5 @@ def load_features(path, image_ids: list[str] | None = None, encoder: str | None 
                else f"encoder {meta.get('encoder')!r}, not {encoder!r}" if encoder and meta.get("encoder") != encoder
                else "its image ids are not this split's" if not all(i in expected for i in ids) else None)
     if problem:
-        raise DamagedCacheError(f"damaged feature cache {path} ({problem})")
+        raise DamagedCacheError(f"{'outdated' if 'sha1' not in meta else 'damaged'} feature cache {path} ({problem})")
     return FeatureSet(features, ids, grid, meta["encoder"])

@@ -122,7 +122,7 @@ def load_or_train_stage1(profile: Profile | str | None = None, recipe: Stage1Rec
         history = json.loads((path / "history.json").read_text())
         return Stage1Model.from_pretrained(path).to(profile.device), TrainResult(**history)
     model, result = train_stage1(profile, recipe)
-    save_trained(model, recipe, result, path)
+    save_trained(model, recipe, result, path, check=False)   # our cache folder
     return model, result
 
 
@@ -273,7 +273,7 @@ def load_or_train_stage2(profile: Profile | str | None = None, recipe: Stage2Rec
         model = SoftPromptCaptioner.from_pretrained(path, llm or load_llm(profile))
         return model.to(profile.device), TrainResult(**history)
     model, result = train_stage2(profile, recipe, llm=llm)
-    save_trained(model, recipe, result, path)
+    save_trained(model, recipe, result, path, check=False)   # our cache folder
     return model, result
 
 
@@ -297,14 +297,16 @@ def check_replaceable(path) -> None:
         raise FileExistsError(f"{path} is a file, not a model folder: nothing was changed; choose a new or empty folder")
     if path.is_dir() and any(path.iterdir()) and not is_saved_model(path):
         raise FileExistsError(f"{path} is not empty and was not written by vlmcourse (no 'vlmcourse' marker in a "
-                              f"config.json): nothing was changed; choose a new or empty folder")
+                              f"config.json; models saved before December 2026 have none either: delete such a "
+                              f"folder yourself): nothing was changed; choose a new or empty folder")
 
 
-def save_trained(model, recipe, result: TrainResult, path: Path) -> None:
+def save_trained(model, recipe, result: TrainResult, path: Path, check: bool = True) -> None:
     """``model.save_pretrained`` plus recipe.json and history.json, written to a sibling ``path``.partial-PID folder
     that then takes ``path``'s place by a rename; a model already there (only one save_trained wrote: see
     ``check_replaceable``) is moved aside first and deleted only once the new one is in place, so an interrupted run
-    never leaves half a model and never loses the old one. config.json gets the "vlmcourse" marker."""
+    never leaves half a model and never loses the old one. config.json gets the "vlmcourse" marker. ``check=False``
+    for the package's own cache folders (``cache_dir("models")``), whose models may predate the marker."""
     import os
     import shutil
 
@@ -313,7 +315,8 @@ def save_trained(model, recipe, result: TrainResult, path: Path) -> None:
     if not is_main_process():      # several processes (accelerate launch) hold the same model: one writes it
         return
     path = Path(path)
-    check_replaceable(path)
+    if check:
+        check_replaceable(path)
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     old = path.with_name(f"{path.name}.old-{os.getpid()}")
     for leftover in (tmp, old):            # from an earlier run of this process id that was killed
