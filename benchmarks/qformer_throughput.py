@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-from vlmcourse.qformer import QFormer
+from vlmcourse.reference import qformer_from_blip2
 
 
 def step_time(fn, device) -> float:
@@ -63,7 +63,7 @@ def main() -> None:
           for impl in ("sdpa", "eager")}
     hf["eager"].load_state_dict(hf["sdpa"].state_dict())
     query_tokens = torch.randn(1, args.queries, args.hidden) * 0.02
-    ours = QFormer.from_blip2_qformer(hf["sdpa"], query_tokens).to(device).train()
+    ours = qformer_from_blip2(hf["sdpa"], query_tokens).to(device).train()
 
     B, Q, T = args.batch, args.queries, args.text_len
     image = torch.randn(B, args.patches, args.encoder_dim, device=device)

@@ -68,6 +68,11 @@ def main() -> None:
     parser.add_argument("--stage1-steps", type=int, default=60)
     parser.add_argument("--stage1-lr", type=float, default=3e-4)
     parser.add_argument("--new-lr-scale", type=float, default=1.0)
+    parser.add_argument("--adapter-lr-scale", type=float, default=1.0, help="lr multiple of the image adapter")
+    parser.add_argument("--cross-lr-scale", type=float, default=1.0, help="lr multiple of the cross-attention layers")
+    parser.add_argument("--itm-random", type=float, default=0.0, help="Stage1Config.itm_random_negatives")
+    parser.add_argument("--itm-batch", type=int, default=8)
+    parser.add_argument("--logit-std", type=float, default=None, help="Stage1Config.cross_attention_logit_std")
     parser.add_argument("--stage2-steps", type=int, default=60)
     parser.add_argument("--stage2-lr", type=float, default=3e-4)
     parser.add_argument("--stage2-batch", type=int, default=8)
@@ -84,16 +89,22 @@ def main() -> None:
     show("features", seconds=time.perf_counter() - began, images={s: len(f) for s, (f, _) in data.items()})
     stage1 = Stage1Recipe(steps=args.stage1_steps, lr=args.stage1_lr, batch_size=32, warmup_steps=10, seed=args.seed,
                           eval_every=0, new_lr_scale=args.new_lr_scale,
-                          model=Stage1Config(num_query_tokens=args.queries, itm_batch_size=8))
+                          lr_scales={**({} if args.adapter_lr_scale == 1 else {"image_adapter.": args.adapter_lr_scale}),
+                                     **({} if args.cross_lr_scale == 1 else
+                                        {f"qformer.layers.{i}.cross_attn.": args.cross_lr_scale for i in (0, 2, 4)})},
+                          model=Stage1Config(num_query_tokens=args.queries, itm_batch_size=args.itm_batch,
+                                             itm_random_negatives=args.itm_random,
+                                             cross_attention_logit_std=args.logit_std))
 
     if "stage1" in args.parts:
         began = time.perf_counter()
         model, result = load_or_train_stage1(profile, stage1)
         show("stage 1", recipe=stage1, train_s=result.seconds, with_setup_s=time.perf_counter() - began,
-             s_per_step=result.seconds / stage1.steps, dev=result.evals[-1] if result.evals else None,
+             s_per_step=result.seconds / stage1.steps, last_eval=result.evals[-1] if result.evals else None,
              **{split: stage1_figures(model, *data[split]) for split in ("dev", "test", "composition")})
-        for row in attention_figures(model, *data["test"], vision.grid_size):
-            show("attention (test)", **row)
+        for split in ("dev", "test"):
+            for row in attention_figures(model, *data[split], vision.grid_size):
+                show(f"attention ({split})", **row)
 
     if "stage2" in args.parts:
         llm = load_llm(profile)

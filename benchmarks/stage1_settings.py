@@ -47,6 +47,10 @@ SWEEP = {
                                          {"cross_attention_logit_std": 2.0, "itm_random_negatives": 0.5}),
     "lr x30, logits 2, itm random 1": ({"new_lr_scale": 30.0},
                                        {"cross_attention_logit_std": 2.0, "itm_random_negatives": 1.0}),
+    # what worked on the shapes world (recipes.SHAPES_STAGE1): ITM on 16 with half its negatives random, adapter at 10x
+    "shapes recipe: adapter x10, itm random 0.5, itm 16": ({"lr_scales": {"image_adapter.": 10.0}},
+                                                          {"itm_random_negatives": 0.5, "itm_batch_size": 16}),
+    "itm random 0.5, itm 16": ({}, {"itm_random_negatives": 0.5, "itm_batch_size": 16}),
     "lr x10, logits 2, itm random 0.5, itm 16": ({"new_lr_scale": 10.0},
                                                  {"cross_attention_logit_std": 2.0, "itm_random_negatives": 0.5,
                                                   "itm_batch_size": 16}),

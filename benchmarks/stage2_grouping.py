@@ -27,8 +27,9 @@ import torch
 
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm, load_vision_encoder
-from vlmcourse.bridge import BridgeConfig, PrecomputedConnector, SoftPromptCaptioner, caption_loss, evaluate_captions
-from vlmcourse.captioner import Captioner, LoraSettings
+from vlmcourse.evaluate import evaluate_captions, mean_caption_loss
+from vlmcourse.lora import LoRACaptioner, LoraSettings
+from vlmcourse.stage2 import BridgeConfig, PrecomputedConnector, SoftPromptCaptioner
 from vlmcourse.recipes import (CHAT_PROMPT, Stage2Recipe, bridge_config, captions_for, split_features, stage2_connector,
                                train_stage2)
 from vlmcourse.train import TrainConfig, caption_batches, make_optimizer
@@ -41,7 +42,7 @@ def make_captioner(profile, llm, vision, queries: int, prompt: str, lora: bool):
     recipe = replace(Stage2Recipe(stage1=None, num_query_tokens=queries, prompt=prompt), freeze_qformer=lora)
     connector, width = stage2_connector(profile, recipe, vision)
     if lora:
-        return Captioner(connector, width, llm, bridge_config(recipe), lora=LoraSettings())
+        return LoRACaptioner(connector, width, llm, bridge_config(recipe), lora=LoraSettings())
     return SoftPromptCaptioner(connector, width, llm, bridge_config(recipe))
 
 
@@ -113,7 +114,7 @@ def dev_comparison(args, profile, llm, vision) -> None:
         model, result = train_stage2(profile, recipe, llm=llm)
         report = evaluate_captions(model, dev_refs, dev_feats.features)
         rows.append({"setting": name, "steps": recipe.steps, "train s": result.seconds,
-                     "dev loss (5 captions)": caption_loss(model, dev_feats.features, dev_refs),
+                     "dev loss (5 captions)": mean_caption_loss(model, dev_feats.features, dev_refs),
                      "dev CIDEr-D": report["CIDEr-D"], "distinct": report["distinct"]})
         print(rows[-1], flush=True)
     print(show_table(rows).to_string(index=False))

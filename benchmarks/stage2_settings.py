@@ -21,7 +21,7 @@ from sweep import emit, sweep_parser
 
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm
-from vlmcourse.bridge import evaluate_captions
+from vlmcourse.evaluate import evaluate_captions
 from vlmcourse.recipes import CHAT_PROMPT, Stage2Recipe, captions_for, split_features, train_stage2
 
 CHAT = CHAT_PROMPT

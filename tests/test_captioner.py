@@ -12,10 +12,11 @@ from PIL import Image
 from safetensors import safe_open
 
 import vlmcourse
-from vlmcourse import captioner as C
+from vlmcourse import evaluate as E
+from vlmcourse import lora as C
 from vlmcourse.backbones import load_llm, load_vision_encoder
-from vlmcourse.bridge import IGNORE_INDEX, BridgeConfig, MeanPoolConnector, SoftPromptCaptioner
-from vlmcourse.captioner import Captioner, CaptionerRecipe, LoraSettings
+from vlmcourse.stage2 import IGNORE_INDEX, BridgeConfig, MeanPoolConnector, SoftPromptCaptioner
+from vlmcourse.lora import CaptionerRecipe, LoraSettings, LoRACaptioner
 from vlmcourse.data import ImageLoadError
 from vlmcourse.metrics import caption_metrics
 from vlmcourse.recipes import Stage1Recipe, Stage2Recipe
@@ -109,7 +110,7 @@ def test_unknown_padding_is_refused():
 
 def test_a_captioner_never_trains_the_shared_llm_weights(llm):
     with pytest.raises(ValueError, match="adapt it with LoRA"):
-        Captioner(MeanPoolConnector((4, 4), 2), 32, llm, freeze_llm=False)
+        LoRACaptioner(MeanPoolConnector((4, 4), 2), 32, llm, freeze_llm=False)
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -120,7 +121,7 @@ def test_lora_trains_only_adapters_and_bridge_and_leaves_the_llm_handed_in_untou
     logits = llm.model(probe).logits.detach()
     torch.manual_seed(0)
     lora = LoraSettings(r=4, lora_alpha=8)
-    model = Captioner(MeanPoolConnector((4, 4), 2), 32, llm, lora=lora)
+    model = LoRACaptioner(MeanPoolConnector((4, 4), 2), 32, llm, lora=lora)
 
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     adapters = {n for n in names if ".lora_A." in n or ".lora_B." in n}
@@ -205,7 +206,7 @@ def test_a_captioner_on_top_of_a_stage2_model_starts_from_its_qformer_and_projec
 def test_save_then_load_gives_the_same_model_and_the_lora_weights_matter(trained, llm):
     model, _, path = trained
     x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
-    again = Captioner.from_pretrained(path, llm=llm)
+    again = LoRACaptioner.from_pretrained(path, llm=llm)
     assert again.recipe.key() == RECIPE.key() and again.lora == RECIPE.lora and not again.training
     assert torch.equal(again.first_token_probs(x), model.first_token_probs(x))
     assert again.generate(x, max_new_tokens=5) == model.generate(x, max_new_tokens=5)
@@ -214,21 +215,21 @@ def test_save_then_load_gives_the_same_model_and_the_lora_weights_matter(trained
             if ".lora_B." in n:
                 p.add_(0.5)
     assert not torch.allclose(again.first_token_probs(x), model.first_token_probs(x))
-    restored = Captioner.from_pretrained(path, profile="tiny")    # the profile's own LLM, loaded fresh
+    restored = LoRACaptioner.from_pretrained(path, profile="tiny")    # the profile's own LLM, loaded fresh
     assert torch.allclose(restored.first_token_probs(x), model.first_token_probs(x), atol=1e-6)
 
 
 def test_loading_errors_are_clear(trained, llm, tmp_path):
     _, _, path = trained
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Captioner.from_pretrained(tmp_path / "nothing", llm=llm)
+        LoRACaptioner.from_pretrained(tmp_path / "nothing", llm=llm)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json missing"):
-        Captioner.from_pretrained(tmp_path / "empty", llm=llm)
+        LoRACaptioner.from_pretrained(tmp_path / "empty", llm=llm)
     other = load_llm("tiny")
     other.name = "another-llm"
     with pytest.raises(ValueError, match="trained for the LLM 'tiny-llama'"):
-        Captioner.from_pretrained(path, llm=other)
+        LoRACaptioner.from_pretrained(path, llm=other)
 
 
 def test_load_or_train_captioner_trains_once(world, llm, monkeypatch):
@@ -254,17 +255,17 @@ def test_nearest_neighbour_uses_the_cosine_of_mean_pooled_patches():
     pooled = test_features.mean(1)
     assert (train_features.mean(1) - pooled).norm(dim=1).argmin() == 0   # Euclid would pick photo 0
     captions = [[f"photo {k} caption {j}" for j in range(5)] for k in range(3)]
-    picked = C.nearest_neighbour_captions(train_features, captions, test_features)
+    picked = E.nearest_neighbour_captions(train_features, captions, test_features)
     assert len(picked) == 1 and picked[0] in captions[1]
     with pytest.raises(ValueError, match="3 train feature rows but 2 caption lists"):
-        C.nearest_neighbour_captions(train_features, captions[:2], test_features)
+        E.nearest_neighbour_captions(train_features, captions[:2], test_features)
 
 
 def test_consensus_caption_is_the_one_the_others_agree_with():
     dog = ["a cat sleeps on a sofa", "a dog runs on the grass", "a brown dog runs on the grass",
            "a dog running on grass", "the dog runs across the green grass"]
     car = ["a red car on a road", "a red car parked", "a car on the street", "the red car", "a blue bicycle"]
-    picked = C.consensus_captions([dog, car])
+    picked = E.consensus_captions([dog, car])
     assert picked[0] in dog[1:] and picked[1] in car[:4]          # never the outlier
 
 
@@ -274,8 +275,8 @@ def test_constant_caption_is_the_train_caption_that_scores_best_on_every_photo()
     cats = [["a cat sleeps on a sofa", "a grey cat is sleeping", "the cat naps on the bed", "a cat on a bed",
              "a sleepy cat on a sofa"]] * 2
     train_captions = dogs + cats
-    chosen = C.constant_caption(train_captions)
-    assert "dog" in chosen and C.constant_caption(train_captions) == chosen   # the majority; deterministic
+    chosen = E.constant_caption(train_captions)
+    assert "dog" in chosen and E.constant_caption(train_captions) == chosen   # the majority; deterministic
     same_length = {c for caps in train_captions for c in caps if len(c.split()) == len(chosen.split())}
     assert chosen in same_length
 
@@ -289,20 +290,20 @@ def test_constant_caption_is_the_train_caption_that_scores_best_on_every_photo()
 def test_blank_image_and_swapped_soft_prompts(trained):
     model = trained[0]
     vision = load_vision_encoder("tiny")
-    blank = C.blank_image_features(vision)
+    blank = E.blank_image_features(vision)
     gray = vision(vision.preprocess(Image.new("RGB", (vision.image_size,) * 2, (128, 128, 128)))).last_hidden_state
     assert blank.shape == (1, vision.num_patches, vision.hidden_size)
     assert torch.allclose(blank, gray, atol=1e-2 * gray.abs().max())   # float16 rounding only
     x = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(2))
     own = model.generate(x, max_new_tokens=4)
-    swapped = C.swapped_image_captions(model, x, max_new_tokens=4)
+    swapped = E.swapped_image_captions(model, x, max_new_tokens=4)
     assert swapped["captions"] == own[-1:] + own[:-1]             # photo i speaks with photo i-1's soft prompts
     assert swapped["changed"] == sum(a != b for a, b in zip(own, swapped["captions"])) / 3
 
 
 def test_evaluate_captioner_reports_model_baselines_and_diagnostics(trained, world):
     _, _, path = trained
-    report = C.evaluate_captioner(path, split="test")
+    report = E.evaluate_captioner(path, split="test")
     json.dumps(report)                                            # plain JSON values
     assert {"bleu4", "cider", "distinct", "empty", "captions", "p_eos_first", "changed_when_swapped"} <= set(report)
     assert set(report["blank_image"]) == {"bleu4", "cider", "caption"}
@@ -321,7 +322,7 @@ def test_evaluate_captioner_reports_model_baselines_and_diagnostics(trained, wor
 def test_caption_one_call_api(trained, world):
     _, _, path = trained
     files = [world["images"] / n for n in world["test"]]
-    expected = [p["caption"] for p in C.evaluate_captioner(path, split="test")["predictions"]]
+    expected = [p["caption"] for p in E.evaluate_captioner(path, split="test")["predictions"]]
     assert vlmcourse.caption([str(f) for f in files], path) == expected
     odd = [Image.open(files[0]).convert("L"), Image.open(files[1]).convert("RGBA")]
     captions = vlmcourse.caption(odd, path)
@@ -334,8 +335,8 @@ def test_caption_one_call_api(trained, world):
 
 
 def test_importing_the_package_does_not_load_the_captioner():
-    code = ("import sys, vlmcourse; assert 'vlmcourse.captioner' not in sys.modules and 'peft' not in sys.modules; "
+    code = ("import sys, vlmcourse; assert 'vlmcourse.lora' not in sys.modules and 'peft' not in sys.modules; "
             "print(vlmcourse.caption.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "vlmcourse.captioner"
+    assert out.stdout.strip() == "vlmcourse.lora"

@@ -8,7 +8,7 @@ from test_captioner import world  # noqa: F401  (the same colour photos and an e
 
 import vlmcourse
 from vlmcourse.__main__ import main
-from vlmcourse.captioner import CLI_TRAINING_TIME, Captioner
+from vlmcourse.lora import CLI_TRAINING_TIME, LoRACaptioner
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def cli_model(world):  # noqa: F811
 def test_train_captioner_runs_both_stages_and_saves(cli_model):
     rc, out = cli_model
     assert rc == 0
-    model = Captioner.from_pretrained(out)
+    model = LoRACaptioner.from_pretrained(out)
     recipe = model.recipe
     assert (recipe.stage2.steps, recipe.stage2.stage1.steps) == (2, 2)
     assert recipe.stage2.seed == recipe.stage2.stage1.seed == 1

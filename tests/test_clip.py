@@ -6,22 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmcourse import clip
-from vlmcourse.clip import (
-    LiTConfig,
-    LiTModel,
-    LiTTrainConfig,
-    caption_image_index,
-    chance_recall,
-    clip_embeddings,
-    clip_loss,
-    evaluate_lit,
-    info_nce,
-    lit_batches,
-    recall_at_k,
-    retrieval_recall,
-    train_lit,
-)
+from vlmcourse import backbones, clip, features
+from vlmcourse.backbones import clip_embeddings
+from vlmcourse.clip import LiTConfig, LiTModel, LiTTrainConfig, clip_loss, evaluate_lit, info_nce, lit_batches, train_lit
+from vlmcourse.metrics import caption_image_index, chance_recall, recall_at_k, retrieval_recall
 
 
 def tiny_hf_clip(seed=0):
@@ -273,15 +261,15 @@ def test_caption_features_are_mask_pooled_aligned_and_cached(tmp_path, monkeypat
         captions = [["one", "one two"], ["one two three", "x"], ["p q", "p q r s"]]
 
     encoder = FakeTextEncoder()
-    feats = clip.cache_caption_features(encoder, Data, image_ids=["c.jpg", "a.jpg"])
+    feats = features.cache_caption_features(encoder, Data, image_ids=["c.jpg", "a.jpg"])
     assert feats.shape == (2, 2, 3)
     # mean over real tokens of 1..n = (n + 1) / 2; padding is ignored
     torch.testing.assert_close(feats[:, :, 0], torch.tensor([[1.5, 2.5], [1.0, 1.5]]))
     calls = encoder.calls
-    again = clip.cache_caption_features(encoder, Data, image_ids=["c.jpg", "a.jpg"])
+    again = features.cache_caption_features(encoder, Data, image_ids=["c.jpg", "a.jpg"])
     assert encoder.calls == calls and torch.equal(again, feats)  # read from disk
     with pytest.raises(ValueError, match="not in the dataset"):
-        clip.cache_caption_features(encoder, Data, image_ids=["zzz.jpg"])
+        features.cache_caption_features(encoder, Data, image_ids=["zzz.jpg"])
 
 
 # ----------------------------------------------------------------------------- zero-shot path
@@ -307,7 +295,7 @@ def test_load_hub_clip_refuses_the_cpu_profile():
     from vlmcourse.profiles import HubUnavailableError, get_profile
 
     with pytest.raises(HubUnavailableError, match="cpu"):
-        clip.load_hub_clip(get_profile("cpu"))
+        backbones.load_hub_clip(get_profile("cpu"))
 
 
 def test_load_hub_clip_fails_fast_offline(monkeypatch):
@@ -315,12 +303,11 @@ def test_load_hub_clip_fails_fast_offline(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine with no network
     with pytest.raises(HubUnavailableError, match="cpu"):  # a name no local cache holds
-        clip.load_hub_clip(get_profile("hub", device="cpu"), name="vlmcourse-tests/no-such-clip")
+        backbones.load_hub_clip(get_profile("hub", device="cpu"), name="vlmcourse-tests/no-such-clip")
 
 
 def test_recall_ties_count_against_the_model():
     """A model that scores every pair the same must not look perfect."""
-    from vlmcourse.clip import caption_image_index, recall_at_k
 
     flat = recall_at_k(torch.zeros(4, 8), caption_image_index(2, 4), ks=(1,))
     assert flat == {"image->text": {1: 0.0}, "text->image": {1: 0.0}}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlmcourse.backbones import load_llm
-from vlmcourse.bridge import PrecomputedConnector, SoftPromptCaptioner
+from vlmcourse.stage2 import PrecomputedConnector, SoftPromptCaptioner
 from vlmcourse.exercises import nb05
 from vlmcourse.exercises.nb05 import (check_cacheable, check_encoder_decoder, check_labels,
                                       check_projection_params, expected_labels)

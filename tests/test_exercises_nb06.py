@@ -27,7 +27,7 @@ def test_lora_param_count_matches_peft(capsys):
 def test_failure_modes_match_the_bridge_layouts(capsys):
     """'a' deletes every EOS label and 'b' labels EOS right after the prompt: read off the bridge's own labels."""
     from vlmcourse.backbones import load_llm
-    from vlmcourse.bridge import BridgeConfig, PrecomputedConnector, SoftPromptCaptioner
+    from vlmcourse.stage2 import BridgeConfig, PrecomputedConnector, SoftPromptCaptioner
 
     llm = load_llm("tiny")
     captions = ["a dog runs", "two dogs run on the wet sand"]

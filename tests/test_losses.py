@@ -193,7 +193,7 @@ def test_stage1_plots_draw(text):
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from vlmcourse.stage1 import plot_captions, plot_itm_histograms, plot_stage1_history
+    from vlmcourse.plots import plot_captions, plot_itm_histograms, plot_stage1_history
     from vlmcourse.train import TrainResult
 
     full = TrainResult(history=[{"step": s, "itc": 3 - s / 10, "itm": 0.64, "itg": 9 - s / 5, "loss": 1.0}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-CONVERTED = ["01_vit_patches", "02_clip_contrastive", "03_qformer_masks"]  # extend with 04-07 as they convert
+CONVERTED = ["01_vit_patches", "02_clip_contrastive", "03_qformer_masks", "04_stage1_losses"]  # 05-07 next
 
 NUMBER = re.compile(r"(?<![\w.\-/^])\d+(?:,\d{3})+(?:\.\d+)?(?![\w])|(?<![\w.\-/^])\d+(?:\.\d+)?")
 SOURCES = re.compile(r"<!--\s*sources:(.*?)-->", re.S)

@@ -5,15 +5,9 @@ except one test on the real MiniLM text encoder."""
 import pytest
 import torch
 
-from vlmcourse.qformer import (
-    Attention,
-    QFormer,
-    QFormerConfig,
-    blip2_qformer_key,
-    parameter_breakdown,
-    parameter_table,
-    self_attention_mask,
-)
+from vlmcourse.qformer import Attention, QFormer, QFormerConfig, self_attention_mask
+from vlmcourse.reference import (blip2_qformer_key, load_blip2_qformer_state_dict, parameter_breakdown, parameter_table,
+                                 qformer_from_bert, qformer_from_blip2)
 
 Q, T, N, D = 4, 6, 10, 24  # queries, text tokens, image patches, image-encoder width
 
@@ -248,7 +242,7 @@ def hf_qformer(attn_implementation, seed=0):
 def test_matches_hf_blip2_qformer(attn_implementation):
     hf = hf_qformer(attn_implementation)
     queries = torch.randn(1, 8, 64)
-    ours = QFormer.from_blip2_qformer(hf, query_tokens=queries).eval()
+    ours = qformer_from_blip2(hf, query_tokens=queries).eval()
     eager = attn_implementation == "eager"
     image = torch.randn(2, N, 48)
     image_mask = torch.ones(2, N, dtype=torch.long)
@@ -296,8 +290,8 @@ def test_matches_hf_blip2_qformer(attn_implementation):
 
 def test_hf_state_dict_mapping():
     hf = hf_qformer("sdpa")
-    model = QFormer(QFormerConfig.from_blip2_qformer_config(hf.config, num_query_tokens=8))
-    missing = model.load_blip2_qformer_state_dict(hf.state_dict())
+    model = QFormer(QFormerConfig.from_bert_config(hf.config, num_query_tokens=8))
+    missing = load_blip2_qformer_state_dict(model, hf.state_dict())
     assert set(missing) == {
         "query_tokens", "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
         "lm_head.bias", "lm_head.dense.weight", "lm_head.dense.bias", "lm_head.norm.weight", "lm_head.norm.bias",
@@ -305,7 +299,7 @@ def test_hf_state_dict_mapping():
     assert blip2_qformer_key("encoder.layer.2.crossattention.output.LayerNorm.bias") == "layers.2.cross_attn.norm.bias"
     assert blip2_qformer_key("encoder.layer.1.output_query.dense.weight") == "layers.1.ffn_query.fc2.weight"
     with pytest.raises(KeyError, match="pooler"):
-        model.load_blip2_qformer_state_dict({"pooler.dense.weight": torch.zeros(1)})
+        load_blip2_qformer_state_dict(model, {"pooler.dense.weight": torch.zeros(1)})
 
 
 # --------------------------------------------------------------------------- BERT initialisation
@@ -324,7 +318,7 @@ def tiny_bert(masked_lm=False, seed=0):
 @torch.no_grad()
 def test_from_bert_text_path_is_bert():
     bert = tiny_bert()
-    model = QFormer.from_bert(bert, num_query_tokens=Q, encoder_hidden_size=D).eval()
+    model = qformer_from_bert(bert, num_query_tokens=Q, encoder_hidden_size=D).eval()
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 3
     image, ids, mask = inputs()
     expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -342,7 +336,7 @@ def test_from_bert_text_path_is_bert():
 @torch.no_grad()
 def test_from_bert_masked_lm_copies_the_head():
     bert = tiny_bert(masked_lm=True)
-    model = QFormer.from_bert(bert, num_query_tokens=Q, encoder_hidden_size=D).eval()
+    model = qformer_from_bert(bert, num_query_tokens=Q, encoder_hidden_size=D).eval()
     _, ids, mask = inputs()
     logits = model.lm_head(model(None, ids, mask).text_output)
     assert torch.allclose(logits, bert(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
@@ -354,7 +348,7 @@ def test_from_real_minilm():
     from transformers import BertModel
 
     bert = BertModel.from_pretrained(gt.get_model_path()).eval()
-    model = QFormer.from_bert(bert, encoder_hidden_size=1280).eval()
+    model = qformer_from_bert(bert, encoder_hidden_size=1280).eval()
     c = model.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (384, 6, 12, 1536)
     assert c.cross_attention_layers == [0, 2, 4] and model.query_tokens.shape == (1, 32, 384)

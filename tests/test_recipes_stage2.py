@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from vlmcourse import recipes
 from vlmcourse.backbones import load_llm
-from vlmcourse.bridge import QFormerConnector
+from vlmcourse.stage2 import QFormerConnector
 from vlmcourse.recipes import Stage1Recipe, Stage2Recipe, load_or_train_stage1, load_or_train_stage2, stage2_dir
 from vlmcourse.stage1 import Stage1Config
 from vlmcourse.utils import cache_dir
@@ -106,7 +106,7 @@ def test_a_fresh_qformer_takes_the_recipes_dropout_and_its_key_follows(tiny_worl
 def test_the_projection_learns_at_its_own_multiple_of_the_learning_rate(tiny_world):
     """proj_lr_scale reaches the optimiser: at 0 the new projection keeps its initial weights while the
     Q-Former around it trains."""
-    from vlmcourse.bridge import SoftPromptCaptioner
+    from vlmcourse.stage2 import SoftPromptCaptioner
 
     profile = recipes.get_profile("tiny")
     r = replace(RECIPE, stage1=None, freeze_qformer=False, proj_lr_scale=0.0)

@@ -16,8 +16,8 @@ from PIL import Image
 from vlmcourse import features, recipes
 from vlmcourse.__main__ import main
 from vlmcourse.backbones import load_llm, load_vision_encoder
-from vlmcourse.bridge import MeanPoolConnector, SoftPromptCaptioner
-from vlmcourse.captioner import ADAPTER_FILE, Captioner, CaptionerRecipe, LoraSettings, ModelFolderError
+from vlmcourse.stage2 import MeanPoolConnector, SoftPromptCaptioner
+from vlmcourse.lora import ADAPTER_FILE, CaptionerRecipe, LoraSettings, LoRACaptioner, ModelFolderError
 from vlmcourse.data import CaptionFormatError, Flickr8k, ImageLoadError, load_image, read_annotations
 from vlmcourse.doctor import doctor
 from vlmcourse.features import cache_features
@@ -44,10 +44,10 @@ def llm():
     return load_llm("tiny")
 
 
-def make_captioner(llm, lora=LORA, seed=0) -> Captioner:
+def make_captioner(llm, lora=LORA, seed=0) -> LoRACaptioner:
     """An untrained tiny captioner (mean-pool connector, LoRA with non-zero B so the adapter matters)."""
     torch.manual_seed(seed)
-    model = Captioner(MeanPoolConnector((4, 4), 2), 32, llm, lora=lora)
+    model = LoRACaptioner(MeanPoolConnector((4, 4), 2), 32, llm, lora=lora)
     if lora:
         with torch.no_grad():
             for n, p in model.llm_model.named_parameters():
@@ -116,7 +116,7 @@ def test_2_an_adapter_the_config_does_not_describe_is_an_error(env, tmp_path, ll
         save(make_captioner(llm, lora=None), path)
     shutil.copy(with_lora / ADAPTER_FILE, path / ADAPTER_FILE)
     with pytest.raises(ModelFolderError, match=f"model folder {path}"):
-        Captioner.from_pretrained(path, llm=llm)
+        LoRACaptioner.from_pretrained(path, llm=llm)
     assert main(["caption", "--model", str(path), str(photo(tmp_path / "p.jpg"))]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and ("adapter" in err or "not a captioner" in err)
@@ -197,7 +197,7 @@ def test_7_a_truncated_weight_file_is_a_damaged_model_folder(env, tmp_path, llm,
     data = (path / file).read_bytes()
     (path / file).write_bytes(data[:len(data) // 2])
     with pytest.raises(ModelFolderError, match=f"model folder {path} is damaged.*{file}"):
-        Captioner.from_pretrained(path, llm=llm)
+        LoRACaptioner.from_pretrained(path, llm=llm)
     assert main(["caption", "--model", str(path), str(photo(tmp_path / "p.jpg"))]) == 2
     assert "damaged" in capsys.readouterr().err
 
@@ -208,7 +208,7 @@ def test_7_a_stage1_or_mismatched_config_is_not_a_captioner(env, tmp_path, llm, 
     (stage1 / "config.json").write_text(json.dumps({"stage1": {}, "qformer": {}, "num_image_tokens": 16}))
     (stage1 / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelFolderError, match=f"model folder {stage1} .*not a captioner"):
-        Captioner.from_pretrained(stage1, llm=llm)
+        LoRACaptioner.from_pretrained(stage1, llm=llm)
     assert main(["caption", "--model", str(stage1), str(photo(tmp_path / "p.jpg"))]) == 2
     # a mean-pool config.json beside weights of another connector (pooled 2 x 2, not 1 x 1)
     path = save(make_captioner(llm), tmp_path / "model")
@@ -216,7 +216,7 @@ def test_7_a_stage1_or_mismatched_config_is_not_a_captioner(env, tmp_path, llm, 
     config["connector"]["pooled"], config["connector_size"] = 1, 16
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFolderError, match=f"model folder {path}.*model.safetensors"):
-        Captioner.from_pretrained(path, llm=llm)
+        LoRACaptioner.from_pretrained(path, llm=llm)
 
 
 def test_7_invalid_json_names_the_file(env, tmp_path, llm, capsys):
@@ -331,7 +331,7 @@ def test_8_a_negative_seed_is_refused_at_once(capsys):
 
 
 def test_8_exit_codes_tell_a_crash_from_unreadable_images(monkeypatch, capsys):
-    from vlmcourse import captioner
+    from vlmcourse import lora as captioner
 
     def crash(*args, **kwargs):
         raise RuntimeError("boom")

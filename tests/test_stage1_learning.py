@@ -3,7 +3,7 @@ move, ITM negatives partly random, and the query-collapse measure. Every option 
 import hashlib
 import json
 import math
-from dataclasses import asdict, fields, is_dataclass, replace
+from dataclasses import MISSING, asdict, fields, is_dataclass, replace
 
 import pytest
 import torch
@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from vlmcourse import losses as L
 from vlmcourse import recipes
 from vlmcourse.backbones import load_text_encoder
-from vlmcourse.captioner import CaptionerRecipe
+from vlmcourse.lora import CaptionerRecipe
 from vlmcourse.qformer import QFormer, QFormerConfig
 from vlmcourse.recipes import Stage1Recipe, Stage2Recipe
 from vlmcourse.stage1 import Stage1Config, Stage1Model, init_cross_attention, query_diversity
 from vlmcourse.train import make_optimizer
 from vlmcourse.viz import attention_entropy, cross_attention_maps
 
-NEW_OPTIONS = {"new_lr_scale": 10.0}
+NEW_OPTIONS = {"new_lr_scale": 10.0, "lr_scales": {"image_adapter.": 10.0}}
 NEW_MODEL_OPTIONS = {"itm_random_negatives": 0.5, "cross_attention_logit_std": 2.0}
 
 
@@ -45,7 +45,8 @@ def old_key(recipe) -> str:
             value = getattr(obj, f.name)
             if f.metadata.get("key") == "if_changed":
                 marked.add(f.name)
-                assert value == f.default, f"{f.name} is not at its default in a default recipe"
+                default = f.default_factory() if f.default_factory is not MISSING else f.default
+                assert value == default, f"{f.name} is not at its default in a default recipe"
                 del d[f.name]
             elif is_dataclass(value):
                 strip(value, d[f.name])

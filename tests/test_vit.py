@@ -4,20 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmcourse.vit import (
-    PatchEmbedding,
-    ViT,
-    ViTConfig,
-    conv_to_linear,
-    hf_vit_key_mapping,
-    load_hf_vit,
-    patchify,
-    pca_rgb,
-    position_similarity,
-    sincos_2d_position_embedding,
-    trace_module_shapes,
-    unpatchify,
-)
+from vlmcourse.patches import conv_to_linear, patchify, unpatchify
+from vlmcourse.plots import pca_rgb
+from vlmcourse.reference import hf_vit_key_mapping, load_hf_vit, trace_module_shapes, vit_from_hf_state_dict
+from vlmcourse.vit import PatchEmbedding, ViT, ViTConfig, position_similarity, sincos_2d_position_embedding
 
 SMALL = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=128)
@@ -213,7 +203,7 @@ def test_matches_hf_without_qkv_bias_and_with_pooler_and_legacy_names():
         legacy = hf_vit_key_mapping(config, legacy=True)
         old_sd = {"vit." + legacy[ours]: hf.state_dict()[theirs] for ours, theirs in current.items()}
         old_sd["classifier.weight"] = torch.zeros(10, 64)
-        assert torch.allclose(ViT.from_hf_state_dict(old_sd, config)(x).last_hidden_state, expected, atol=1e-5)
+        assert torch.allclose(vit_from_hf_state_dict(old_sd, config)(x).last_hidden_state, expected, atol=1e-5)
     assert "blocks.0.attn.q_proj.bias" not in current
     assert legacy["blocks.1.attn.out_proj.weight"] == "encoder.layer.1.attention.output.dense.weight"
 
@@ -221,9 +211,9 @@ def test_matches_hf_without_qkv_bias_and_with_pooler_and_legacy_names():
 def test_hf_state_dict_mismatch_is_reported():
     hf = hf_vit()
     with pytest.raises(ValueError, match="missing.*layers.2"):
-        ViT.from_hf_state_dict(hf.state_dict(), ViTConfig(**{**SMALL, "num_hidden_layers": 3}))
+        vit_from_hf_state_dict(hf.state_dict(), ViTConfig(**{**SMALL, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="Shape mismatch"):
-        ViT.from_hf_state_dict(hf.state_dict(), ViTConfig(**{**SMALL, "intermediate_size": 96}))
+        vit_from_hf_state_dict(hf.state_dict(), ViTConfig(**{**SMALL, "intermediate_size": 96}))
 
 
 # ---------------------------------------------------------------- notebook helpers

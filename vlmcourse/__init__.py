@@ -7,9 +7,9 @@ __all__ = ["Profile", "get_profile", "cache_dir", "notebook_figures", "peak_memo
 
 
 def __getattr__(name: str):
-    # vlmcourse.caption(images, model_dir) without importing the captioner (peft, transformers) with the package
+    # vlmcourse.caption(images, model_dir) without importing the LoRA captioner (peft, transformers) with the package
     if name == "caption":
-        from .captioner import caption
+        from .lora import caption
 
         return caption
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

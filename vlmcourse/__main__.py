@@ -35,7 +35,7 @@ positive = at_least(1)
 
 
 def parser() -> argparse.ArgumentParser:
-    from .captioner import CLI_TRAINING_TIME
+    from .lora import CLI_TRAINING_TIME
 
     top = argparse.ArgumentParser(prog="python -m vlmcourse", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +122,7 @@ def prepare_processes(profile: str | None, llm: bool = False):
 
 
 def train_captioner_command(args) -> int:
-    from .captioner import CaptionerRecipe, train_captioner
+    from .lora import CaptionerRecipe, train_captioner
     from .distributed import is_main_process
     from .recipes import check_replaceable, save_trained
 
@@ -176,7 +176,7 @@ def one_line(path: str) -> str:
 
 
 def caption_command(args, batch_size: int = 16) -> int:
-    from .captioner import load_captioner
+    from .lora import load_captioner
     from .data import ImageLoadError, load_image
 
     model, vision = load_captioner(args.model, args.profile)
@@ -198,7 +198,7 @@ def caption_command(args, batch_size: int = 16) -> int:
 
 
 def evaluate_command(args) -> int:
-    from .captioner import evaluate_captioner
+    from .evaluate import evaluate_captioner
 
     with data_root(args.data) as root:
         report = evaluate_captioner(args.model, args.profile, args.split, root)

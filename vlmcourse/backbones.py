@@ -4,6 +4,9 @@
 - text encoder:   a BERT with its tokenizer -> (B, T, H) hidden states
 - causal LLM:     a transformers causal LM with its tokenizer
 
+and, on the hub profile only, a whole pretrained CLIP ViT-B/16 for zero-shot retrieval (``load_hub_clip``,
+``clip_embeddings``). The image transform and its normalisations live in data.py.
+
 ``load_vision_encoder(profile)``, ``load_text_encoder(profile)`` and
 ``load_llm(profile)`` pick the weights the profile names (see profiles.py).
 """
@@ -11,55 +14,18 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import shutil
 from dataclasses import dataclass
+from typing import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .profiles import Profile, get_profile, hub_from_pretrained
-from .utils import cache_dir
-
-# ---------------------------------------------------------------- images -> tensors
-
-IMAGENET_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite: inputs scaled to [-1, 1]
-CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-
-
-class ImageTransform:
-    """PIL image -> (3, S, S) float tensor: resize the short side to S, centre-crop, normalise.
-
-    Plain PIL + NumPy, because there is no CPU build of torchvision to lean on.
-    """
-
-    def __init__(self, size: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
-        self.size = size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def crop(self, image: Image.Image) -> Image.Image:
-        """The resized, centre-cropped RGB image the model sees (useful for drawing on)."""
-        if image.mode != "RGB":
-            raise ValueError(f"expected an RGB image, got mode {image.mode!r} (use data.to_rgb)")
-        w, h = image.size
-        scale = self.size / min(w, h)
-        image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                             Image.BICUBIC)
-        w, h = image.size
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        return image.crop((left, top, left + self.size, top + self.size))
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        array = np.asarray(self.crop(image), dtype=np.float32) / 255.0
-        return (torch.from_numpy(array).permute(2, 0, 1) - self.mean) / self.std
-
-    def __repr__(self):
-        return f"ImageTransform(size={self.size})"
-
+from .data import CLIP_NORM, HALF_NORM, ImageTransform
+from .profiles import HubUnavailableError, Profile, as_profile, hub_from_pretrained
+from .utils import atomic_dir, cache_dir, in_batches
 
 # ---------------------------------------------------------------- vision encoders
 
@@ -123,7 +89,7 @@ class EfficientNetEncoder(VisionEncoder):
     hidden_size = 1280
 
     def __init__(self, image_size: int = 224, pretrained: bool = True):
-        super().__init__(image_size, *IMAGENET_HALF)
+        super().__init__(image_size, *HALF_NORM)
         from efficientnet_lite_pytorch import EfficientNet
 
         self.name = "efficientnet-lite0" + ("" if image_size == 224 else f"-{image_size}px")
@@ -179,7 +145,7 @@ class TinyVisionEncoder(VisionEncoder):
     hidden_size = 32
 
     def __init__(self, image_size: int = 64, patch_size: int = 16):
-        super().__init__(image_size, *IMAGENET_HALF)
+        super().__init__(image_size, *HALF_NORM)
         self.patch_size = patch_size
         self.proj = nn.Conv2d(3, self.hidden_size, patch_size, stride=patch_size)
 
@@ -196,7 +162,7 @@ class TinyVisionEncoder(VisionEncoder):
 
 def load_vision_encoder(profile: Profile | str | None = None, image_size: int | None = None) -> VisionEncoder:
     """The profile's frozen vision encoder, in eval mode, on the profile's device."""
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    profile = as_profile(profile)
     size = image_size or profile.image_size
     if profile.vision == "efficientnet-lite0":
         encoder = EfficientNetEncoder(size)
@@ -257,7 +223,7 @@ class TextEncoder(nn.Module):
 
 def load_text_encoder(profile: Profile | str | None = None) -> TextEncoder:
     """The profile's BERT text encoder (also the Q-Former's initialisation)."""
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    profile = as_profile(profile)
     if profile.text == "tiny":
         from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -316,14 +282,10 @@ def save_causal_lm(model, tokenizer, out: Path) -> None:
 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))  # handles the tied input/output embeddings
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied input/output embeddings
+        tokenizer.save_pretrained(tmp)
 
 
 def load_gguf(gguf: Path):
@@ -350,7 +312,7 @@ def load_llm(profile: Profile | str | None = None) -> CausalLM:
     """The profile's causal LM and tokenizer, in eval mode, on the profile's device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    profile = as_profile(profile)
     if profile.llm == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -368,3 +330,67 @@ def load_llm(profile: Profile | str | None = None) -> CausalLM:
         llm = CausalLM(model, hub_from_pretrained(AutoTokenizer, str(path)), profile.llm)
     llm.model.eval().to(profile.device)
     return llm
+
+
+# ---------------------------------------------------------------- zero-shot CLIP ViT-B/16 (hub profile only)
+HUB_CLIP_NAME = "openai/clip-vit-base-patch16"
+
+
+def load_hub_clip(profile=None, name: str = HUB_CLIP_NAME):
+    """Pretrained CLIP model and processor from the Hugging Face Hub: (model, processor).
+
+    Only for the `hub` profile. Offline it fails at once with a HubUnavailableError
+    that points at the `cpu` profile (unless the weights are already in the local cache).
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    if profile is not None and profile.name != "hub":
+        raise HubUnavailableError(
+            f"zero-shot {name} is part of the 'hub' profile (it downloads ~600 MB); this is the "
+            f"'{profile.name}' profile. Run with VLMCOURSE_PROFILE=hub, or stay on the offline 'cpu' profile."
+        )
+    model = hub_from_pretrained(CLIPModel, name)
+    processor = hub_from_pretrained(CLIPProcessor, name)
+    device = getattr(profile, "device", "cpu")
+    return model.to(device).eval(), processor
+
+
+def _pooled(out) -> torch.Tensor:
+    # transformers >= 5 returns a model output with the projection in `pooler_output`;
+    # older versions return the tensor itself.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@torch.no_grad()
+def clip_embeddings(
+    model,
+    processor: Callable,
+    images: Sequence,
+    captions: Sequence[str],
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm image and text embeddings from a `transformers.CLIPModel`.
+
+    `processor(images=[...], return_tensors="pt")` must give `pixel_values`, and
+    `processor(text=[...], padding=True, truncation=True, return_tensors="pt")`
+    `input_ids` / `attention_mask` (a CLIPProcessor does both).
+    Returns (N_images, D) and (N_captions, D) float32 CPU tensors.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+
+    def embed_images(chunk):
+        pixel_values = processor(images=chunk, return_tensors="pt")["pixel_values"].to(device)
+        return _pooled(model.get_image_features(pixel_values=pixel_values)).float().cpu()
+
+    def embed_texts(chunk):
+        batch = processor(text=chunk, padding=True, truncation=True, return_tensors="pt")
+        features = model.get_text_features(input_ids=batch["input_ids"].to(device),
+                                           attention_mask=batch["attention_mask"].to(device))
+        return _pooled(features).float().cpu()
+
+    image_embeds = in_batches(embed_images, list(images), batch_size=batch_size, progress=progress)
+    text_embeds = in_batches(embed_texts, list(captions), batch_size=batch_size, progress=progress)
+    return F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
+

@@ -8,8 +8,14 @@ Layouts (``layout="auto"`` picks the first present, in this order):
 
 The data root is, in order: the ``root`` argument, ``$VLMCOURSE_DATA``,
 ``../shared/flickr8k-subset`` and ``./data/flickr8k`` (beside the project, then
-beside the working directory). On the hub profile, ``Flickr8k.from_hub`` reads
-the full set with ``datasets``.
+beside the working directory), then the subset downloaded earlier from the Hub (below).
+
+``load_flickr8k(split, profile)`` is the one way in, for notebooks and the CLI alike: the hub profile reads the
+full set from the Hugging Face Hub with ``datasets`` (``HubFlickr8k``); any other profile reads a local folder, and
+when there is none and the Hub is reachable it first downloads a subset of the size of the shared one (646 / 78 /
+76 photos, ``fetch_hub_subset``) into the cache and reads that. Offline with no data it stops with an error that
+lists every place it looked. Both kinds of dataset give ``captions``, ``image_ids``, ``load_image(i)`` and
+``image_file(i)`` (a local file of the photo); only a local one has ``image_paths``.
 """
 from __future__ import annotations
 
@@ -25,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from .utils import progress_bar
+from .profiles import as_profile
+from .utils import atomic_dir, cache_dir, progress_bar
 
 DATA_ENV = "VLMCOURSE_DATA"
 SPLITS = ("train", "dev", "test")
@@ -38,6 +46,47 @@ DEFAULT_ROOTS = ("../shared/flickr8k-subset", "data/flickr8k")
 CAPTION_FILES = {"karpathy": "dataset_flickr8k.json", "original": "Flickr8k.token.txt", "kaggle": "captions.txt"}
 SPLIT_FILES = {s: f"Flickr_8k.{s}Images.txt" for s in SPLITS}
 IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "images", ".")
+HUB_DATASET = "jxie/flickr8k"           # columns image, caption_0 .. caption_4; splits train / validation / test
+HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+HUB_SUBSET_SIZES = {"train": 646, "dev": 78, "test": 76}    # the shared subset's splits (800 photos)
+HUB_SUBSET_MAX_SIDE = 320               # the shared subset's photos: longer side at most 320 px, JPEG quality 90
+
+
+# ---------------------------------------------------------------- images -> tensors
+HALF_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # mean 0.5 and std 0.5 (EfficientNet-Lite): inputs scaled to [-1, 1]
+CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+class ImageTransform:
+    """PIL image -> (3, S, S) float tensor: resize the short side to S, centre-crop, normalise.
+
+    Plain PIL + NumPy, because there is no CPU build of torchvision to lean on.
+    """
+
+    def __init__(self, size: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+        self.size = size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The resized, centre-cropped RGB image the model sees (useful for drawing on)."""
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode!r} (use data.to_rgb)")
+        w, h = image.size
+        scale = self.size / min(w, h)
+        image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                             Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        array = np.asarray(self.crop(image), dtype=np.float32) / 255.0
+        return (torch.from_numpy(array).permute(2, 0, 1) - self.mean) / self.std
+
+    def __repr__(self):
+        return f"ImageTransform(size={self.size})"
+
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -74,11 +123,16 @@ def find_data_root(root: str | os.PathLike | None = None) -> Path:
             if _is_data_root(path):
                 return path
             tried.append(str(path))
+    subset = hub_subset_root()
+    if _is_data_root(subset):
+        return subset
+    tried.append(str(subset))
     raise DataNotFoundError(
         "no Flickr8k data found. Looked in:\n  " + "\n  ".join(dict.fromkeys(tried)) +
         f"\nSet {DATA_ENV}=/path/to/flickr8k (a folder with captions.txt, Flickr8k.token.txt or "
-        f"dataset_flickr8k.json and the photos), or pass root=..., or use the hub profile "
-        f"(VLMCOURSE_PROFILE=hub) to download the full set.")
+        f"dataset_flickr8k.json and the photos), or pass root=..., or connect to the internet: load_flickr8k then "
+        f"downloads an 800-photo subset from the Hugging Face Hub ({HUB_DATASET}), and the hub profile "
+        f"(VLMCOURSE_PROFILE=hub) the full set.")
 
 
 # ---------------------------------------------------------------- reading annotations
@@ -322,7 +376,7 @@ class Flickr8k(Dataset):
         self.skipped: list[str] = []
 
     @classmethod
-    def from_hub(cls, split: str = "train", dataset_id: str = "jxie/flickr8k", transform=None,
+    def from_hub(cls, split: str = "train", dataset_id: str = HUB_DATASET, transform=None,
                  max_images: int | None = None) -> "HubFlickr8k":
         return HubFlickr8k(split, dataset_id, transform, max_images)
 
@@ -335,6 +389,10 @@ class Flickr8k(Dataset):
 
     def load_image(self, i: int) -> Image.Image:
         return load_image(self.image_dir / self.image_ids[i])
+
+    def image_file(self, i: int) -> Path:
+        """Photo ``i`` as a file (here the file itself), for code that takes file names; works on hub data too."""
+        return self.image_dir / self.image_ids[i]
 
     def __getitem__(self, i: int):
         try:
@@ -369,63 +427,153 @@ class Flickr8k(Dataset):
         return f"Flickr8k(split={self.split!r}, images={len(self)}, root={str(self.root)!r}, layout={self.layout!r})"
 
 
+def hub_caption_rows(hf, split: str) -> tuple[list[list[str]], list[str]]:
+    """(captions, image ids) of a Hub Flickr8k split, whatever its schema: five ``caption_K`` columns (jxie/flickr8k)
+    or one ``caption(s)`` column of lists; ids from an ``image_filename``/``filename``/``image_id`` column, else
+    ``{split}_{row:05d}``."""
+    columns = hf.column_names
+    caption_columns = sorted(c for c in columns if re.fullmatch(r"caption_?\d+", c)) or \
+        [next((c for c in ("captions", "caption") if c in columns), "caption")]
+    rows = hf.remove_columns([c for c in columns if c == "image"]).to_dict()
+    captions = [list(c) if isinstance(c, list) else [c] for c in rows[caption_columns[0]]] \
+        if len(caption_columns) == 1 else [list(t) for t in zip(*(rows[c] for c in caption_columns))]
+    captions = [[c.strip() for c in caps if c and c.strip()] for caps in captions]
+    id_column = next((c for c in ("image_filename", "filename", "image_id") if c in columns), None)
+    ids = [str(x) for x in rows[id_column]] if id_column else [f"{split}_{i:05d}" for i in range(len(hf))]
+    return captions, ids
+
+
+def _load_hub_split(dataset_id: str, split: str):
+    """One split of a Hub dataset with ``datasets.load_dataset`` (its progress bars; cached in the Hugging Face
+    datasets cache, so a second call reads the disk); a HubUnavailableError naming the cpu profile when offline."""
+    import datasets
+
+    from .profiles import hub_reachable, hub_unavailable
+
+    if not hub_reachable():
+        raise hub_unavailable(f"the dataset {dataset_id}")
+    return datasets.load_dataset(dataset_id, split=HUB_SPLITS[split])
+
+
 class HubFlickr8k(Flickr8k):
-    """Full Flickr8k from the Hugging Face Hub (hub profile), with the same interface as ``Flickr8k``."""
+    """Full Flickr8k from the Hugging Face Hub (hub profile), with the same interface as ``Flickr8k`` except
+    ``image_paths`` (its photos live in the datasets cache, not in files: use ``load_image`` or ``image_file``)."""
 
-    HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+    HUB_SPLITS = HUB_SPLITS
 
-    def __init__(self, split="train", dataset_id="jxie/flickr8k", transform=None, max_images=None):
-        import datasets
-
-        from .profiles import hub_reachable, hub_unavailable
-
+    def __init__(self, split="train", dataset_id=HUB_DATASET, transform=None, max_images=None):
         split = SPLIT_ALIASES.get(split, split)
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
-        if not hub_reachable():
-            raise hub_unavailable(f"the dataset {dataset_id}")
-        self.hf = datasets.load_dataset(dataset_id, split=self.HUB_SPLITS[split])
+        self.hf = _load_hub_split(dataset_id, split)
         if max_images:
             self.hf = self.hf.select(range(min(max_images, len(self.hf))))
-        columns = self.hf.column_names
-        caption_columns = sorted(c for c in columns if re.fullmatch(r"caption_?\d+", c)) or ["caption"]
-        rows = self.hf.remove_columns("image").to_dict()
-        self.captions = [list(c) if isinstance(c, list) else [c] for c in rows[caption_columns[0]]] \
-            if len(caption_columns) == 1 else [list(t) for t in zip(*(rows[c] for c in caption_columns))]
-        id_column = next((c for c in ("image_filename", "filename", "image_id") if c in columns), None)
-        self.image_ids = [str(x) for x in rows[id_column]] if id_column else [f"{split}_{i:05d}" for i in range(len(self.hf))]
+        self.captions, self.image_ids = hub_caption_rows(self.hf, split)
         self.split, self.root, self.layout, self.image_dir = split, dataset_id, "hub", None
         self.transform = transform or _default_transform()
         self.skipped = []
 
     @property
     def image_paths(self):
-        raise AttributeError("images of a hub dataset have no local paths; use load_image(i)")
+        raise AttributeError("images of a hub dataset have no local paths; use load_image(i) or image_file(i)")
 
     def load_image(self, i: int) -> Image.Image:
         return to_rgb(self.hf[i]["image"])
+
+    def image_file(self, i: int) -> Path:
+        """Photo ``i`` as a JPEG file (written once to the cache), for code that takes file names."""
+        name = self.image_ids[i] if Path(self.image_ids[i]).suffix else self.image_ids[i] + ".jpg"
+        path = cache_dir("data", "hub-photos", str(self.root).replace("/", "--"), self.split) / name
+        if not path.is_file():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            self.load_image(i).save(tmp, format="JPEG", quality=95)
+            os.replace(tmp, path)
+        return path
 
     def to_hf_dataset(self):
         return self.hf
 
 
-def load_flickr8k(split: str = "train", profile=None, transform=None, root=None, max_images=None) -> Flickr8k:
-    """The split from the profile's data source: a local folder, or the Hub for the hub profile."""
-    from .profiles import Profile, get_profile
+def hub_subset_root(dataset_id: str = HUB_DATASET) -> Path:
+    """Where ``fetch_hub_subset`` keeps its subset: ``$VLMCOURSE_CACHE/data/<dataset>-subset`` (not created here)."""
+    base = Path(os.environ.get("VLMCOURSE_CACHE") or Path.home() / ".cache" / "vlmcourse")
+    return base / "data" / f"{dataset_id.replace('/', '--')}-subset"
 
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+
+def subset_rows(total: int, size: int) -> list[int]:
+    """The fixed rule that picks the subset: ``size`` rows evenly spaced over the split, row ``k * total // size``
+    for k = 0 .. size - 1 (the same rows on every machine, spread over the whole split)."""
+    size = min(size, total)          # a split smaller than the subset: all of it
+    return [k * total // size for k in range(size)]
+
+
+def fetch_hub_subset(dataset_id: str = HUB_DATASET, sizes: dict[str, int] | None = None,
+                     out: str | os.PathLike | None = None) -> Path:
+    """Download Flickr8k from the Hub and keep a subset of it as a local folder in the Kaggle layout
+    (``Images/``, ``captions.txt`` and the three split files), shaped like the shared subset: 646 / 78 / 76
+    photos (``sizes``) picked by ``subset_rows``, the longer side shrunk to 320 px, JPEG quality 90. Written
+    all at once (an interrupted download leaves nothing half done); returns the folder (default
+    ``hub_subset_root()``, where ``find_data_root`` looks)."""
+    sizes = sizes or HUB_SUBSET_SIZES
+    out = Path(out) if out is not None else hub_subset_root(dataset_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        (tmp / "Images").mkdir()
+        rows = []
+        for split in SPLITS:
+            hf = _load_hub_split(dataset_id, split)
+            picked = subset_rows(len(hf), sizes[split])
+            hf = hf.select(picked)
+            captions, ids = hub_caption_rows(hf, split)
+            if not any(Path(i).suffix for i in ids):        # jxie/flickr8k has no file names: name by source row
+                ids = [f"{split}_{row:05d}" for row in picked]
+            names = [_image_name(i) for i in ids]
+            for k in progress_bar(range(len(hf)), desc=f"Flickr8k {split} subset from {dataset_id}"):
+                image = to_rgb(hf[k]["image"])
+                image.thumbnail((HUB_SUBSET_MAX_SIDE, HUB_SUBSET_MAX_SIDE), Image.BICUBIC)
+                image.save(tmp / "Images" / names[k], format="JPEG", quality=90)
+            rows += [(name, c) for name, caps in zip(names, captions) for c in caps]
+            (tmp / SPLIT_FILES[split]).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        with open(tmp / CAPTION_FILES["kaggle"], "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "caption"])
+            writer.writerows(rows)
+        (tmp / "SOURCE.txt").write_text(f"{dataset_id}: rows k * total // size of each split, sizes {sizes}\n")
+    return out
+
+
+def load_flickr8k(split: str = "train", profile=None, transform=None, root=None, max_images=None) -> Flickr8k:
+    """The split's photos and captions, from wherever the profile takes them: the one function every notebook and
+    the CLI read Flickr8k through.
+
+    - hub profile (``profile.data`` a dataset id): the full set from the Hub (``HubFlickr8k``);
+    - otherwise a local folder (``root``, ``$VLMCOURSE_DATA``, then the places ``find_data_root`` lists); when none
+      is found and the Hub is reachable, an 800-photo subset is downloaded once (``fetch_hub_subset``) and read
+      from the cache; offline, the DataNotFoundError that lists where it looked.
+    """
+    profile = as_profile(profile)
     if profile.data == "shapes":          # the synthetic world of shapes.py (data="shapes")
         from .shapes import load_shapes
 
         return load_shapes(split, transform=transform, max_images=max_images)
     if profile.data == "local" or root is not None:
+        if root is None and not os.environ.get(DATA_ENV):
+            try:
+                root = find_data_root()
+            except DataNotFoundError as error:
+                from .profiles import hub_reachable
+
+                if not hub_reachable():
+                    raise DataNotFoundError(f"{error}\n(The Hugging Face Hub is not reachable either, so no "
+                                            f"subset could be downloaded.)") from None
+                print(f"No Flickr8k folder found: downloading an 800-photo subset of {HUB_DATASET} from the "
+                      f"Hugging Face Hub into {hub_subset_root()} (once; about 275 MB to download).", flush=True)
+                root = fetch_hub_subset()
         return Flickr8k(split, root=root, transform=transform, max_images=max_images)
     return Flickr8k.from_hub(split, profile.data, transform=transform, max_images=max_images)
 
 
 def _default_transform():
-    from .backbones import ImageTransform
-
     return ImageTransform(224)   # [0, 1] RGB, no normalisation
 
 

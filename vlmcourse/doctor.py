@@ -6,6 +6,7 @@ Exit code: 0 all good, 1 only some photos are unreadable, 2 anything else missin
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
 import time
@@ -13,7 +14,8 @@ import warnings
 
 import torch
 
-from .data import SPLITS, DataNotFoundError, Flickr8k, find_data_root, read_annotations
+from .data import (DATA_ENV, HUB_DATASET, SPLITS, DataNotFoundError, Flickr8k, find_data_root, hub_subset_root,
+                   read_annotations)
 from .profiles import get_profile, hub_reachable, hub_unavailable
 from .utils import peak_memory_mb
 
@@ -64,8 +66,12 @@ def doctor(profile_name: str | None = None, data: str | None = None, out=sys.std
             for message in dict.fromkeys(str(w.message) for w in caught if "skipped" not in str(w.message)):
                 say(f"  warning: {message}")
         except DataNotFoundError as error:
-            problems.append("data")
-            say(f"data:     MISSING: {error}")
+            if data is None and not os.environ.get(DATA_ENV) and hub_reachable():    # load_flickr8k downloads it
+                say(f"data:     none on disk; an 800-photo subset of {HUB_DATASET} will be downloaded from the "
+                    f"Hugging Face Hub on first use, into {hub_subset_root()}")
+            else:
+                problems.append("data")
+                say(f"data:     MISSING: {error}")
         except ValueError as error:         # a caption or split file we cannot read, a leak between splits
             problems.append("data")
             say(f"data:     BAD: {error}")

@@ -1,4 +1,5 @@
-"""Run the frozen vision encoder over a split once, and keep its patch tokens on disk.
+"""Run the frozen encoders over a split once, and keep their outputs on disk: the vision encoder's patch
+tokens (``cache_features``) and the text encoder's pooled captions (``cache_caption_features``).
 
 The vision encoder is frozen in every stage of BLIP-2, so its output for a
 photo never changes: computing it once turns minutes per epoch into seconds.
@@ -14,14 +15,15 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .data import collate
-from .utils import cache_dir, progress_bar
+from .utils import cache_dir, in_batches, progress_bar
 
 
 @dataclass
@@ -100,6 +102,15 @@ def cache_features(vision, dataset, batch_size: int = 32, refresh: bool = False)
     return feats
 
 
+@torch.no_grad()
+def patch_tokens(vision, images: list, batch_size: int = 16) -> torch.Tensor:
+    """(N, T, D) patch tokens of a list of RGB PIL images (``compute_features`` does a whole dataset), rounded
+    through float16 as the feature cache stores them (so a photo captioned from its file and from the cache gets
+    the same caption)."""
+    return in_batches(lambda chunk: vision(vision.preprocess(chunk)).last_hidden_state.to("cpu", torch.float16),
+                      images, batch_size=batch_size).float()
+
+
 def save_features(feats: FeatureSet, path) -> None:
     """Write ``feats`` with a checksum of its bytes; features that are not all finite are refused (never cached)."""
     rows = (~torch.isfinite(feats.features.float())).flatten(1).any(1).nonzero().flatten().tolist()
@@ -108,8 +119,12 @@ def save_features(feats: FeatureSet, path) -> None:
                          f"(first: {', '.join(feats.image_ids[i] for i in rows[:3])}); nothing cached")
     meta = {"image_ids": json.dumps(feats.image_ids), "grid_size": json.dumps(list(feats.grid_size)),
             "encoder": feats.encoder, "sha1": checksum(feats.features)}
+    _save_atomic({"features": feats.features.contiguous()}, path, metadata=meta)
+
+
+def _save_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
     tmp = f"{path}.partial"
-    save_file({"features": feats.features.contiguous()}, tmp, metadata=meta)
+    save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)   # never leave a half-written cache behind
 
 
@@ -134,3 +149,58 @@ def load_features(path, image_ids: list[str] | None = None, encoder: str | None 
     if problem:
         raise DamagedCacheError(f"{'outdated' if 'sha1' not in meta else 'damaged'} feature cache {path} ({problem})")
     return FeatureSet(features, ids, grid, meta["encoder"])
+
+
+# ---------------------------------------------------------------------------- caption features
+@torch.no_grad()
+def encode_captions(
+    text_encoder: Callable,
+    captions: Sequence[Sequence[str]],
+    batch_size: int = 128,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Run the frozen text tower once: (N_images, captions_per_image, hidden) float32 on CPU.
+
+    `text_encoder` is `load_text_encoder(profile)`: `.tokenize(list_of_str)` -> dict,
+    and calling it returns the last hidden state (B, T, H). We mean-pool over
+    real tokens (the attention mask), which is how all-MiniLM-L6-v2 was trained.
+    """
+    per_image = {len(c) for c in captions}
+    if len(per_image) != 1:
+        raise ValueError(f"every image needs the same number of captions, got counts {sorted(per_image)}")
+    (c,) = per_image
+    flat = [s for caps in captions for s in caps]
+
+    def mean_pool(texts: list[str]) -> torch.Tensor:
+        batch = text_encoder.tokenize(texts)
+        hidden = text_encoder(**batch)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu()
+
+    pooled = in_batches(mean_pool, flat, batch_size=batch_size, progress=progress, desc="encode captions")
+    return pooled.view(len(captions), c, -1)
+
+
+def cache_caption_features(text_encoder, dataset, image_ids: Sequence[str] | None = None,
+                           refresh: bool = False) -> torch.Tensor:
+    """`encode_captions` for a dataset, saved under $VLMCOURSE_CACHE/features and loaded after that.
+
+    `image_ids` (e.g. `FeatureSet.image_ids`) picks and orders the images, so that
+    row i of the caption features and row i of the image features are the same photo
+    (cache_features leaves out unreadable photos).
+    """
+    position = {name: i for i, name in enumerate(dataset.image_ids)}
+    image_ids = list(dataset.image_ids if image_ids is None else image_ids)
+    missing = [name for name in image_ids if name not in position]
+    if missing:
+        raise ValueError(f"{len(missing)} image ids are not in the dataset (first: {missing[0]})")
+    captions = [dataset.captions[position[name]] for name in image_ids]
+    name = getattr(text_encoder, "name", type(text_encoder).__name__)
+    digest = hashlib.sha1(repr((name, image_ids, captions)).encode()).hexdigest()[:12]
+    path = cache_dir("features") / f"captions_{str(name).replace('/', '--')}_{len(image_ids)}_{digest}.safetensors"
+    if path.is_file() and not refresh:
+        return load_file(str(path))["captions"]
+    features = encode_captions(text_encoder, captions)
+    _save_atomic({"captions": features.contiguous()}, path)
+    return features
+

@@ -40,19 +40,34 @@ def positives(image_ids: list, text_image_ids: list | None = None) -> torch.Tens
     return torch.tensor([[a == b for b in text_image_ids] for a in image_ids])
 
 
+def positives_from_lists(positive_captions: list[list[int]]) -> torch.Tensor:
+    """(B, B) bool from row lists: ``positive_captions[i]`` holds the batch rows whose caption fits image i."""
+    pos = torch.zeros(len(positive_captions), len(positive_captions), dtype=torch.bool)
+    for i, rows in enumerate(positive_captions):
+        pos[i, list(rows)] = True
+    if not pos.diagonal().all():
+        raise ValueError("positive_captions[i] must include i: an image's own caption fits it")
+    return pos
+
+
 def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,
-             image_ids: list | None = None, label_smoothing: float = 0.0, rows: torch.Tensor | None = None):
+             image_ids: list | None = None, label_smoothing: float = 0.0, rows: torch.Tensor | None = None,
+             is_positive: torch.Tensor | None = None):
     """Symmetric cross-entropy over the (B, B) max-over-queries similarities / temp.
 
     With ``image_ids``, captions of the same photo elsewhere in the batch are
-    positives too (the target spreads over them), as in BLIP-2.
+    positives too (the target spreads over them), as in BLIP-2. ``is_positive`` (B, B) says it directly
+    (where photos share captions, as in the shapes world, a caption of another photo can fit).
     ``rows``: the images and texts whose loss this process takes (``distributed.local_rows``), compared
     with the whole gathered batch; None: all of them.
     Returns (loss, sim_i2t) with sim_i2t already divided by the temperature.
     """
     sim_i2t = itc_similarity(image_feats, text_feats) / temp
     n = sim_i2t.shape[0]
-    pos = positives(image_ids) if image_ids is not None else torch.eye(n, dtype=torch.bool)
+    if is_positive is not None:
+        pos = is_positive
+    else:
+        pos = positives(image_ids) if image_ids is not None else torch.eye(n, dtype=torch.bool)
     targets = pos.float().to(sim_i2t.device)
     targets = targets / targets.sum(1, keepdim=True)
 

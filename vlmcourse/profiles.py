@@ -79,6 +79,12 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     return PROFILES[name](**overrides)
 
 
+def as_profile(profile: "Profile | str | None" = None) -> Profile:
+    """A profile as given, or the one a name (or ``VLMCOURSE_PROFILE``, for None) stands for: what every function
+    that takes ``profile=`` does first."""
+    return profile if isinstance(profile, Profile) else get_profile(profile)
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hugging Face Hub answers a TCP connection (quick; no download)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:

@@ -22,39 +22,24 @@ set by one mask, and the three stage-1 objectives differ only in that mask
   text up to itself (causal).
 
 The layout follows LAVIS (the BLIP-2 reference code) and Hugging Face's
-``Blip2QFormerModel``; :meth:`QFormer.load_blip2_qformer_state_dict` loads HF
-weights and the tests check that the outputs match.
+``Blip2QFormerModel``; ``reference.qformer_from_blip2`` loads HF weights and the
+tests check that the outputs match. The masks are in masks.py, the parameter
+tables in reference.py, the figures in plots.py.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "MASK_TYPES",
-    "QFormerConfig",
-    "QFormerOutput",
-    "self_attention_mask",
-    "Attention",
-    "FeedForward",
-    "QFormerEmbeddings",
-    "QFormerLayer",
-    "QFormerLMHead",
-    "QFormer",
-    "blip2_qformer_key",
-    "parameter_breakdown",
-    "parameter_table",
-    "show_attention_mask",
-]
+from .masks import MASK_TYPES, self_attention_mask
 
-MASK_TYPES = ("itc", "itm", "itg")
-
+__all__ = ["MASK_TYPES", "QFormerConfig", "QFormerOutput", "self_attention_mask", "Attention", "FeedForward",
+           "QFormerEmbeddings", "QFormerLayer", "QFormerLMHead", "QFormer"]
 
 # --------------------------------------------------------------------------- config
 @dataclass
@@ -79,10 +64,8 @@ class QFormerConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
         if self.cross_attention_frequency < 1:
             raise ValueError("cross_attention_frequency must be >= 1")
 
@@ -98,11 +81,6 @@ class QFormerConfig:
         values = {k: v for k, v in bert_config.to_dict().items() if k in names}
         values.update(overrides)
         return cls(**values)
-
-    @classmethod
-    def from_blip2_qformer_config(cls, hf_config, num_query_tokens: int = 32) -> "QFormerConfig":
-        """Same sizes as a ``transformers.Blip2QFormerConfig``."""
-        return cls.from_bert_config(hf_config, num_query_tokens=num_query_tokens)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,50 +98,7 @@ class QFormerOutput:
     past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # per layer, the queries' (K, V)
 
 
-# --------------------------------------------------------------------------- masks
-def self_attention_mask(mask_type: str, num_query_tokens: int, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Who may attend to whom in the Q-Former's self-attention.
-
-    Args:
-        mask_type: ``"itc"``, ``"itm"`` or ``"itg"`` (``None`` means ``"itm"``).
-        num_query_tokens: Q, the number of query positions at the front.
-        attention_mask: (B, T) text padding mask, 1/True = real token.
-
-    Returns:
-        (B, Q+T, Q+T) bool, ``mask[b, i, j]`` is True when position i may attend
-        to position j. Rows and columns are ordered queries first, then text.
-        Padding columns are always False (nobody reads padding).
-    """
-    if mask_type is None:
-        mask_type = "itm"
-    if mask_type not in MASK_TYPES:
-        raise ValueError(f"mask_type must be one of {MASK_TYPES} or None, got {mask_type!r}")
-    attention_mask = torch.as_tensor(attention_mask)
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be (batch, text_len), got shape {tuple(attention_mask.shape)}")
-    B, T = attention_mask.shape
-    Q = num_query_tokens
-    device = attention_mask.device
-    is_query = torch.arange(Q + T, device=device) < Q  # (Q+T,)
-
-    if mask_type == "itm":
-        # Bi-directional: queries and text exchange information freely.
-        allowed = torch.ones(Q + T, Q + T, dtype=torch.bool, device=device)
-    elif mask_type == "itc":
-        # Uni-modal: two separate encoders sharing weights. Queries never see the
-        # text, so the image feature cannot cheat by reading the caption.
-        allowed = is_query[:, None] == is_query[None, :]
-    else:  # "itg"
-        # Queries see only queries (they must summarise the image without the
-        # answer); text sees every query and the text up to itself (causal).
-        pos = torch.arange(Q + T, device=device)
-        allowed = is_query[None, :] | (~is_query[:, None] & (pos[None, :] <= pos[:, None]))
-
-    # Padding: queries are always real; text columns follow attention_mask.
-    real = torch.cat([torch.ones(B, Q, dtype=torch.bool, device=device), attention_mask.bool()], dim=1)
-    return allowed[None, :, :] & real[:, None, :]
-
-
+# --------------------------------------------------------------------------- masks (masks.py)
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """bool (True = keep) -> float mask added to the scores (0 or a huge negative).
 
@@ -314,7 +249,7 @@ class QFormerLMHead(nn.Module):
 class QFormer(nn.Module):
     """BLIP-2's Querying Transformer. Example::
 
-        qformer = QFormer.from_bert(BertModel.from_pretrained(path), encoder_hidden_size=1280)
+        qformer = qformer_from_bert(BertModel.from_pretrained(path), encoder_hidden_size=1280)   # reference.py
         out = qformer(image_embeds, input_ids, attention_mask, mask_type="itc")
         out.query_output.shape  # (B, 32, H): the image, summarised in 32 vectors
     """
@@ -348,54 +283,36 @@ class QFormer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, image_embeds, input_ids, attention_mask, image_attention_mask, mask_type):
-        D = self.config.encoder_hidden_size
+        D, shape = self.config.encoder_hidden_size, (lambda t: None if t is None else tuple(t.shape))
         if mask_type not in (*MASK_TYPES, None):
             raise ValueError(f"mask_type must be one of {MASK_TYPES} or None, got {mask_type!r}")
         if image_embeds is None and input_ids is None:
             raise ValueError("give image_embeds (B, N, encoder_hidden_size), input_ids (B, T), or both")
         if image_embeds is not None and (image_embeds.dim() != 3 or image_embeds.shape[-1] != D):
-            raise ValueError(
-                f"image_embeds must have shape (batch, num_patches, {D}) "
-                f"(encoder_hidden_size={D}), got {tuple(image_embeds.shape)}"
-            )
+            raise ValueError(f"image_embeds must have shape (batch, num_patches, {D}) "
+                             f"(encoder_hidden_size={D}), got {shape(image_embeds)}")
         if input_ids is not None:
             if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must have shape (batch, text_len), got {tuple(input_ids.shape)}")
+                raise ValueError(f"input_ids must have shape (batch, text_len), got {shape(input_ids)}")
             if input_ids.shape[1] > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"input_ids has {input_ids.shape[1]} tokens, more than "
-                    f"max_position_embeddings={self.config.max_position_embeddings}"
-                )
+                raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than "
+                                 f"max_position_embeddings={self.config.max_position_embeddings}")
             if image_embeds is not None and image_embeds.shape[0] != input_ids.shape[0]:
-                raise ValueError(
-                    f"batch sizes differ: image_embeds {tuple(image_embeds.shape)} "
-                    f"vs input_ids {tuple(input_ids.shape)}"
-                )
+                raise ValueError(f"batch sizes differ: image_embeds {shape(image_embeds)} "
+                                 f"vs input_ids {shape(input_ids)}")
         if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
-            expected = None if input_ids is None else tuple(input_ids.shape)
-            raise ValueError(
-                f"attention_mask must have the shape of input_ids {expected}, got {tuple(attention_mask.shape)}"
-            )
+            raise ValueError(f"attention_mask must have the shape of input_ids {shape(input_ids)}, "
+                             f"got {shape(attention_mask)}")
         if image_attention_mask is not None and (
-            image_embeds is None or image_attention_mask.shape != image_embeds.shape[:2]
-        ):
+                image_embeds is None or image_attention_mask.shape != image_embeds.shape[:2]):
             expected = None if image_embeds is None else tuple(image_embeds.shape[:2])
-            raise ValueError(
-                f"image_attention_mask must have shape (batch, num_patches) {expected}, "
-                f"got {tuple(image_attention_mask.shape)}"
-            )
+            raise ValueError(f"image_attention_mask must have shape (batch, num_patches) {expected}, "
+                             f"got {shape(image_attention_mask)}")
 
-    def forward(
-        self,
-        image_embeds: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_attention_mask: torch.Tensor | None = None,
-        mask_type: str | None = "itm",
-        output_attentions: bool = False,
-        past_key_values: tuple | None = None,
-        use_cache: bool = False,
-    ) -> QFormerOutput:
+    def forward(self, image_embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, image_attention_mask: torch.Tensor | None = None,
+                mask_type: str | None = "itm", output_attentions: bool = False, past_key_values: tuple | None = None,
+                use_cache: bool = False) -> QFormerOutput:
         """Run the Q-Former.
 
         Args:
@@ -477,230 +394,3 @@ class QFormer(nn.Module):
         if past_key_values[0][0].shape[0] != input_ids.shape[0]:
             raise ValueError(f"batch sizes differ: past_key_values {past_key_values[0][0].shape[0]} "
                              f"vs input_ids {tuple(input_ids.shape)}")
-
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_bert(
-        cls,
-        bert_model,
-        num_query_tokens: int = 32,
-        cross_attention_frequency: int = 2,
-        encoder_hidden_size: int = 1408,
-        dropout: float | None = None,
-    ) -> "QFormer":
-        """Start from a pretrained BERT text encoder, as BLIP-2 does.
-
-        Copies the embeddings, every self-attention block and every FFN; the
-        text FFN is also copied into the query FFN (LAVIS does the same, so the
-        queries start from a sensible transformation). The cross-attention
-        blocks and the queries keep their random BERT-style init (std 0.02).
-        ``bert_model`` is a ``transformers.BertModel``; a ``BertForMaskedLM`` /
-        ``BertLMHeadModel`` also works and then its MLM head is copied too.
-        ``dropout`` replaces BERT's hidden and attention dropout (None keeps them).
-        """
-        head = getattr(getattr(bert_model, "cls", None), "predictions", None)
-        bert = getattr(bert_model, "bert", bert_model)
-        config = QFormerConfig.from_bert_config(
-            bert.config,
-            num_query_tokens=num_query_tokens,
-            cross_attention_frequency=cross_attention_frequency,
-            encoder_hidden_size=encoder_hidden_size,
-            **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}),
-        )
-        weight = bert.embeddings.word_embeddings.weight
-        model = cls(config).to(device=weight.device, dtype=weight.dtype)  # next to the BERT
-        src = bert.embeddings
-        with torch.no_grad():
-            model.embeddings.word_embeddings.weight.copy_(src.word_embeddings.weight)
-            # BERT adds a segment ("token type") embedding to every token. The
-            # Q-Former has no segments (LAVIS just drops the table), so we fold
-            # segment 0 into the position table: text embeddings then equal
-            # BERT's exactly, and queries (which get no position) are untouched.
-            position = src.position_embeddings.weight
-            if getattr(src, "token_type_embeddings", None) is not None:
-                position = position + src.token_type_embeddings.weight[0]
-            model.embeddings.position_embeddings.weight.copy_(position)
-            model.embeddings.LayerNorm.load_state_dict(src.LayerNorm.state_dict())
-            for ours, theirs in zip(model.layers, bert.encoder.layer):
-                att = theirs.attention
-                for name in ("query", "key", "value"):
-                    getattr(ours.self_attn, name).load_state_dict(getattr(att.self, name).state_dict())
-                ours.self_attn.out.load_state_dict(att.output.dense.state_dict())
-                ours.self_attn.norm.load_state_dict(att.output.LayerNorm.state_dict())
-                for ffn in (ours.ffn_text, ours.ffn_query):
-                    ffn.fc1.load_state_dict(theirs.intermediate.dense.state_dict())
-                    ffn.fc2.load_state_dict(theirs.output.dense.state_dict())
-                    ffn.norm.load_state_dict(theirs.output.LayerNorm.state_dict())
-            if head is not None:
-                model.lm_head.dense.load_state_dict(head.transform.dense.state_dict())
-                model.lm_head.norm.load_state_dict(head.transform.LayerNorm.state_dict())
-                model.lm_head.bias.copy_(head.bias)
-        return model
-
-    def load_blip2_qformer_state_dict(self, state_dict: dict) -> list[str]:
-        """Load the weights of a ``transformers.Blip2QFormerModel``.
-
-        Every HF tensor must find a home here (otherwise ``KeyError``). Returns
-        our parameter names that HF does not have: the word/position
-        embeddings, the LM head, the queries (HF keeps them outside, in
-        ``Blip2Model.query_tokens``) and, unless HF was built with
-        ``use_qformer_text_input=True``, the text FFNs.
-        """
-        ours = self.state_dict()
-        loaded = set()
-        with torch.no_grad():
-            for hf_name, tensor in state_dict.items():
-                name = blip2_qformer_key(hf_name)
-                if name not in ours:
-                    raise KeyError(f"{hf_name!r} (-> {name!r}) has no counterpart in QFormer")
-                if ours[name].shape != tensor.shape:
-                    raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)} vs ours {tuple(ours[name].shape)}")
-                ours[name].copy_(tensor)
-                loaded.add(name)
-        return [name for name in ours if name not in loaded and name != "lm_head.decoder.weight"]
-
-    @classmethod
-    def from_blip2_qformer(cls, hf_model, query_tokens: torch.Tensor | None = None) -> "QFormer":
-        """Build a QFormer with the sizes and weights of a ``Blip2QFormerModel``.
-
-        ``query_tokens`` (1, Q, H) are the queries (``Blip2Model.query_tokens``);
-        without them the queries stay random. Use with a Blip2Model:
-        ``QFormer.from_blip2_qformer(blip2.qformer, blip2.query_tokens)``.
-        """
-        Q = 32 if query_tokens is None else query_tokens.shape[1]
-        model = cls(QFormerConfig.from_blip2_qformer_config(hf_model.config, num_query_tokens=Q))
-        model.to(hf_model.layernorm.weight.device)
-        model.load_blip2_qformer_state_dict(hf_model.state_dict())
-        if query_tokens is not None:
-            with torch.no_grad():
-                model.query_tokens.copy_(query_tokens)
-        return model
-
-
-# HF Blip2QFormerModel name -> our name. Everything else is the same path.
-_HF_RENAMES = [
-    (r"^layernorm\.", "embeddings.LayerNorm."),
-    (r"^encoder\.layer\.", "layers."),
-    (r"\.attention\.attention\.", ".self_attn."),
-    (r"\.attention\.output\.dense\.", ".self_attn.out."),
-    (r"\.attention\.output\.LayerNorm\.", ".self_attn.norm."),
-    (r"\.crossattention\.attention\.", ".cross_attn."),
-    (r"\.crossattention\.output\.dense\.", ".cross_attn.out."),
-    (r"\.crossattention\.output\.LayerNorm\.", ".cross_attn.norm."),
-    (r"\.intermediate_query\.dense\.", ".ffn_query.fc1."),
-    (r"\.output_query\.dense\.", ".ffn_query.fc2."),
-    (r"\.output_query\.LayerNorm\.", ".ffn_query.norm."),
-    (r"\.intermediate\.dense\.", ".ffn_text.fc1."),
-    (r"\.output\.dense\.", ".ffn_text.fc2."),
-    (r"\.output\.LayerNorm\.", ".ffn_text.norm."),
-]
-
-
-def blip2_qformer_key(hf_name: str) -> str:
-    """Translate a ``Blip2QFormerModel`` state-dict key into ours,
-    e.g. ``encoder.layer.0.crossattention.attention.key.weight`` -> ``layers.0.cross_attn.key.weight``."""
-    for pattern, repl in _HF_RENAMES:
-        hf_name = re.sub(pattern, repl, hf_name)
-    return hf_name
-
-
-# --------------------------------------------------------------------------- parameter counts
-_PARTS = [  # (row label, our name prefix / regex, HF Blip2QFormerModel regex)
-    ("word embeddings", r"^embeddings\.word_embeddings\.", None),
-    ("position embeddings", r"^embeddings\.position_embeddings\.", None),
-    ("embedding LayerNorm", r"^embeddings\.LayerNorm\.", r"^layernorm\."),
-    ("learned queries", r"^query_tokens$", None),
-    ("self-attention", r"\.self_attn\.", r"\.attention\.(attention|output)\."),
-    ("cross-attention", r"\.cross_attn\.", r"\.crossattention\."),
-    ("text FFN", r"\.ffn_text\.", r"\.(intermediate|output)\."),
-    ("query FFN", r"\.ffn_query\.", r"\.(intermediate_query|output_query)\."),
-    ("ITG LM head (decoder tied)", r"^lm_head\.", None),
-]
-
-
-def parameter_breakdown(model: nn.Module) -> dict[str, int]:
-    """Parameters per part of a :class:`QFormer` or a HF ``Blip2QFormerModel``.
-
-    Tied weights are counted once (the LM-head decoder *is* the word-embedding
-    matrix). Works on models built on the meta device.
-    """
-    hf = not isinstance(model, QFormer)
-    counts = {label: 0 for label, _, _ in _PARTS}
-    for name, p in model.named_parameters():  # named_parameters() skips tied duplicates
-        for label, ours, theirs in _PARTS:
-            pattern = theirs if hf else ours
-            if pattern is not None and re.search(pattern, name):
-                counts[label] += p.numel()
-                break
-        else:
-            raise KeyError(f"parameter {name!r} fits no part")
-    return counts
-
-
-def _stage1_heads(hidden_size: int, embed_dim: int = 256) -> dict[str, int]:
-    # The stage-1 heads live in the stage-1 model; counted here to compare with
-    # the paper. ITC: two projections to a shared 256-d space (+ temperature);
-    # ITM: a 2-way classifier on the query outputs.
-    with torch.device("meta"):
-        itc = 2 * sum(p.numel() for p in nn.Linear(hidden_size, embed_dim).parameters()) + 1
-        itm = sum(p.numel() for p in nn.Linear(hidden_size, 2).parameters())
-    return {"ITC projections + temperature": itc, "ITM head": itm}
-
-
-def parameter_table(configs: dict | None = None, include_hf: bool = True, embed_dim: int = 256):
-    """A pandas DataFrame: parameters per part (rows) for each Q-Former (columns).
-
-    ``configs`` maps a column name to a :class:`QFormerConfig`; by default the
-    real BLIP-2 configuration (bert-base, 32 queries, EVA ViT-g 1408-d). With
-    ``include_hf`` a column for HF's default ``Blip2QFormerModel`` is added: it
-    has no word/position embeddings and no text FFN (it only ever sees query
-    embeddings), hence ~105M instead of ~188M. Models are built on the meta
-    device: no memory, no time.
-    """
-    import pandas as pd
-
-    configs = configs or {"BLIP-2 (bert-base, ViT-g)": QFormerConfig()}
-    columns = {}
-    for column, config in configs.items():
-        with torch.device("meta"):
-            counts = parameter_breakdown(QFormer(config))
-        columns[column] = {**counts, **_stage1_heads(config.hidden_size, embed_dim)}
-    if include_hf:
-        from transformers import Blip2QFormerConfig, Blip2QFormerModel
-
-        with torch.device("meta"):
-            counts = parameter_breakdown(Blip2QFormerModel(Blip2QFormerConfig()))
-        columns["HF Blip2QFormerModel (default)"] = {**counts, **{k: 0 for k in _stage1_heads(1, 1)}}
-    table = pd.DataFrame(columns)
-    table.loc["total"] = table.sum()
-    return table
-
-
-# --------------------------------------------------------------------------- plotting
-def show_attention_mask(mask, labels, num_query_tokens: int, ax=None, title: str | None = None, query_every: int = 4,
-                        fontsize: int = 11):
-    """Draw one (L, L) self-attention mask: rows attend to columns, white = allowed.
-
-    ``labels`` names the L positions (queries first, then the text tokens);
-    only every ``query_every``-th query is labelled to keep the axes readable.
-    """
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    ax = ax or plt.gca()
-    mask = torch.as_tensor(mask).bool().cpu()
-    Q, L = num_query_tokens, mask.shape[-1]
-    ax.imshow(mask.numpy(), cmap=ListedColormap(["#2b2d42", "#f8f9fa"]), vmin=0, vmax=1, interpolation="nearest")
-    for edge in (Q - 0.5,):  # the query | text boundary
-        ax.axhline(edge, color="#ef8354", lw=2)
-        ax.axvline(edge, color="#ef8354", lw=2)
-    ticks = [i for i in range(L) if i >= Q or i % query_every == 0]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([labels[i] for i in ticks], rotation=90, fontsize=fontsize)
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([labels[i] for i in ticks], fontsize=fontsize)
-    ax.set_xlabel("is looked at (column)")
-    ax.set_ylabel("looks (row)")
-    if title:
-        ax.set_title(title)
-    return ax

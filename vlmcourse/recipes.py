@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-
-import torch
 
 from .backbones import load_text_encoder, load_vision_encoder
 from .data import load_flickr8k
 from .features import cache_features
-from .profiles import Profile, get_profile
+from .profiles import Profile, as_profile, get_profile
 from .stage1 import Stage1Config, Stage1Model, retrieval
 from .train import TrainConfig, TrainResult, caption_batches, train
-from .utils import cache_dir, seed_everything
+from .utils import atomic_dir, cache_dir, seed_everything
+
+
+class Recipe:
+    """A training recipe (a dataclass): ``key()`` names the folder its trained model is cached in."""
+
+    def key(self) -> str:
+        return recipe_key(self)
 
 
 @dataclass
-class Stage1Recipe:
+class Stage1Recipe(Recipe):
     """Chosen on the dev split (notebook 04): Recall@5 rises steadily with lr 3e-4.
     80 steps, to save the notebooks about 2 minutes: dev R@5 image->text 0.60, text->image 0.73 (float32, no
     dropout; with BERT's dropout it was 0.60 / 0.65 in float32, 0.54 image->text under bf16 autocast). The command
@@ -38,9 +43,10 @@ class Stage1Recipe:
     model: Stage1Config = field(default_factory=lambda: Stage1Config(num_query_tokens=32, itm_batch_size=8))
     # The parameters BERT did not initialise (Stage1Model.new_parameter_prefixes) learn at this multiple of lr.
     new_lr_scale: float = field(default=1.0, metadata={"key": "if_changed"})
-
-    def key(self) -> str:
-        return recipe_key(self)
+    # Further multiples for some of them, by name prefix (they win over new_lr_scale): the image adapter's position
+    # embedding starts at zero, and at lr 3e-4 moves about 0.03 in 100 steps, against LayerNormed features of
+    # unit scale: without a higher rate the queries cannot tell where a patch is.
+    lr_scales: dict = field(default_factory=dict, metadata={"key": "if_changed"})
 
 
 def recipe_key(recipe) -> str:
@@ -52,7 +58,8 @@ def recipe_key(recipe) -> str:
     def drop_defaults(obj, settings: dict) -> dict:
         for f in fields(obj):
             value = getattr(obj, f.name)
-            if f.metadata.get("key") == "if_changed" and value == f.default:
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if f.metadata.get("key") == "if_changed" and value == default:
                 del settings[f.name]
             elif is_dataclass(value):
                 drop_defaults(value, settings[f.name])
@@ -79,7 +86,7 @@ def captions_for(feats, dataset) -> list[list[str]]:
 def train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | None = None,
                  eval_split: str = "dev") -> tuple[Stage1Model, TrainResult]:
     """Stage 1 on cached image features of the train split, with Recall@5 on ``eval_split`` as it goes."""
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    profile = as_profile(profile)
     recipe = recipe or Stage1Recipe()
     vision = load_vision_encoder(profile)
     train_feats, train_ds = split_features(profile, "train", vision)
@@ -93,9 +100,11 @@ def train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | No
         r = retrieval(m, eval_feats.features, eval_captions, ks=(5,))
         return {f"{eval_split}_i2t_r5": r["image->text"][5], f"{eval_split}_t2i_r5": r["text->image"][5]}
 
+    # where other photos' captions can fit a photo (the shapes world), they count as matches, not negatives
     batches = caption_batches(train_feats.features, captions_for(train_feats, train_ds), train_feats.image_ids,
-                              recipe.batch_size)
+                              recipe.batch_size, fits=getattr(train_ds, "fits", None))
     lr_scales = {} if recipe.new_lr_scale == 1 else dict.fromkeys(model.new_parameter_prefixes(), recipe.new_lr_scale)
+    lr_scales.update(recipe.lr_scales)
     config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
                          eval_every=recipe.eval_every, desc="stage 1", lr_scales=lr_scales)
     result = train(model, batches, lambda m, b: m(**b), config, eval_fn=eval_fn)
@@ -115,7 +124,7 @@ def stage1_dir(profile: Profile, recipe: Stage1Recipe) -> Path:
 def load_or_train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | None = None,
                          retrain: bool = False) -> tuple[Stage1Model, TrainResult]:
     """The stage-1 model of this recipe: loaded if it was trained before, else trained and saved."""
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    profile = as_profile(profile)
     recipe = recipe or Stage1Recipe()
     path = stage1_dir(profile, recipe)
     if (path / "model.safetensors").is_file() and (path / "history.json").is_file() and not retrain:
@@ -126,13 +135,25 @@ def load_or_train_stage1(profile: Profile | str | None = None, recipe: Stage1Rec
     return model, result
 
 
+def shapes_profile(profile: Profile | str | None = None) -> Profile:
+    """The same models on the shapes world (vlmcourse/shapes.py) instead of Flickr8k."""
+    return get_profile(as_profile(profile).name, data="shapes")
+
+
+# Stage 1 on the shapes world (notebooks 04 and 07; benchmarks/shapes_world.py chose it on the dev split). Its
+# captions are short and its scenes few, so 8 queries do; ITM mixes random negatives into the hard ones, and the image
+# adapter's position embedding learns at 10x lr (see Stage1Recipe.lr_scales).
+SHAPES_STAGE1 = Stage1Recipe(steps=100, eval_every=0, lr_scales={"image_adapter.": 10.0},
+                             model=Stage1Config(num_query_tokens=8, itm_batch_size=16, itm_random_negatives=0.5))
+
+
 # ----------------------------------------------------------------------------- stage 2
 # The instruct LLM's own answer turn: it knows a reply follows, and ends it with EOS (<|im_end|>).
 CHAT_PROMPT = "A short caption of the photo:<|im_end|>\n<|im_start|>assistant\n"
 
 
 @dataclass
-class Stage2Recipe:
+class Stage2Recipe(Recipe):
     """Stage 2 (notebook 05): the query outputs become soft prompts for a frozen LLM.
 
     As in BLIP-2, the Q-Former keeps training with the projection (``freeze_qformer=False``);
@@ -164,20 +185,17 @@ class Stage2Recipe:
     # k > 1: batch_size // k photos, k captions each, each photo's prefix read once by the LLM (bridge.grouped_loss)
     captions_per_image: int = field(default=1, metadata={"key": "if_changed"})
 
-    def key(self) -> str:
-        return recipe_key(self)
-
 
 def bridge_config(recipe: Stage2Recipe):
     """The ``BridgeConfig`` (prompt, caption length, caption cleaning) of a stage-2 recipe."""
-    from .bridge import BridgeConfig
+    from .stage2 import BridgeConfig
 
     return BridgeConfig(recipe.prompt, recipe.max_caption_tokens, recipe.clean_captions)
 
 
 def stage2_connector(profile: Profile, recipe: Stage2Recipe, vision=None):
     """(QFormerConnector, its width): the stage-1 Q-Former of ``recipe.stage1``, or a fresh one."""
-    from .bridge import QFormerConnector
+    from .stage2 import QFormerConnector
 
     if recipe.stage1 is not None:
         stage1, _ = load_or_train_stage1(profile, recipe.stage1)
@@ -198,9 +216,9 @@ def train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | No
     """Stage 2 on cached image features of the train split; the dev caption loss at the end (and every
     ``recipe.eval_every`` steps). Returns (SoftPromptCaptioner, TrainResult)."""
     from .backbones import load_llm
-    from .bridge import SoftPromptCaptioner
+    from .stage2 import SoftPromptCaptioner
 
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    profile = as_profile(profile)
     recipe = recipe or Stage2Recipe()
     vision = load_vision_encoder(profile)
     connector, width = stage2_connector(profile, recipe, vision)
@@ -220,7 +238,8 @@ def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split:
     caption accuracy on the shapes world; a frozen connector is then swapped for its precomputed outputs)."""
     from contextlib import nullcontext
 
-    from .bridge import PrecomputedConnector, caption_loss
+    from .evaluate import mean_caption_loss
+    from .stage2 import PrecomputedConnector
 
     vision = vision or load_vision_encoder(profile)
     train_feats, train_ds = split_features(profile, "train", vision)
@@ -238,7 +257,7 @@ def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split:
         eval_captions = [caps[0] for caps in captions_for(eval_feats, eval_ds)]
 
         def eval_fn(m):
-            return {f"{eval_split}_loss": caption_loss(m, eval_x, eval_captions), **(metrics(m) if metrics else {})}
+            return {f"{eval_split}_loss": mean_caption_loss(m, eval_x, eval_captions), **(metrics(m) if metrics else {})}
 
     batches = caption_batches(train_x, captions_for(train_feats, train_ds), train_feats.image_ids, recipe.batch_size,
                               recipe.captions_per_image)
@@ -263,9 +282,9 @@ def load_or_train_stage2(profile: Profile | str | None = None, recipe: Stage2Rec
     (SoftPromptCaptioner, TrainResult); ``llm`` reuses an LLM already loaded for this profile.
     """
     from .backbones import load_llm
-    from .bridge import SoftPromptCaptioner
+    from .stage2 import SoftPromptCaptioner
 
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    profile = as_profile(profile)
     recipe = recipe or Stage2Recipe()
     path = stage2_dir(profile, recipe)
     if (path / "model.safetensors").is_file() and (path / "history.json").is_file() and not retrain:
@@ -307,9 +326,6 @@ def save_trained(model, recipe, result: TrainResult, path: Path, check: bool = T
     ``check_replaceable``) is moved aside first and deleted only once the new one is in place, so an interrupted run
     never leaves half a model and never loses the old one. config.json gets the "vlmcourse" marker. ``check=False``
     for the package's own cache folders (``cache_dir("models")``), whose models may predate the marker."""
-    import os
-    import shutil
-
     from .distributed import is_main_process
 
     if not is_main_process():      # several processes (accelerate launch) hold the same model: one writes it
@@ -317,25 +333,9 @@ def save_trained(model, recipe, result: TrainResult, path: Path, check: bool = T
     path = Path(path)
     if check:
         check_replaceable(path)
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    old = path.with_name(f"{path.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):            # from an earlier run of this process id that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps({**config, "vlmcourse": {"format": SAVED_FORMAT}}, indent=2))
         (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
         (tmp / "history.json").write_text(json.dumps(asdict(result)))
-        had_model = path.exists()
-        if had_model:
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if had_model:
-                os.replace(old, path)      # the new one did not make it: put the old one back
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)

@@ -43,7 +43,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .data import Flickr8k
-from .utils import cache_dir
+from .utils import cache_dir, in_batches
 
 DATA_NAME = "shapes"          # a profile's ``data`` that selects this world
 VERSION = 1                   # bump when the drawing changes: image ids (and so the feature cache) follow it
@@ -350,6 +350,13 @@ class ShapesDataset(Flickr8k):
     def __repr__(self):
         return f"ShapesDataset(split={self.split!r}, images={len(self)}, folder={str(self.root)!r})"
 
+    def fits(self, image_id: str, caption: str) -> bool:
+        """Whether ``caption`` describes photo ``image_id``: templates repeat, so another photo's caption can
+        (``train.caption_batches`` counts such pairs as matches in stage 1)."""
+        if not hasattr(self, "_objects_by_id"):
+            self._objects_by_id = dict(zip(self.image_ids, self.objects))
+        return describes(caption, self._objects_by_id[image_id])
+
 
 def load_shapes(split: str = "train", transform=None, config: ShapesConfig | None = None,
                 max_images: int | None = None) -> ShapesDataset:
@@ -394,14 +401,24 @@ def itm_negatives(captions: list[list[str]], objects: list[list[dict]], seed: in
 
 
 @torch.no_grad()
+def retrieval_scores(model, features: torch.Tensor, ds: "ShapesDataset") -> dict[str, float]:
+    """Image -> text R@1 of a stage-1 model's ITC similarity (``model.similarity``) over every caption of the
+    split, a caption counting as right when it describes the photo's scene; and what picking a caption at random
+    scores (the share of the split's captions that fit a photo, averaged over photos)."""
+    flat = [c for caps in ds.captions for c in caps]
+    similarity = model.similarity(features.float(), flat).cpu()
+    chance = float(np.mean([np.mean([describes(c, objs) for c in flat]) for objs in ds.objects]))
+    return {"image→text R@1": scene_recall_at_1(similarity, ds.captions, ds.objects), "chance": chance}
+
+
+@torch.no_grad()
 def itm_win_rates(model, features: torch.Tensor, captions: list[list[str]], objects: list[list[dict]],
                   seed: int = 0, batch_size: int = 64) -> dict[str, float]:
     """Share of photos whose own caption gets a higher ITM P(match) than a random / a hard-negative caption."""
     pairs = itm_negatives(captions, objects, seed)
 
     def scores(texts):
-        return torch.cat([model.itm_scores(features[i:i + batch_size].float(), texts[i:i + batch_size]).cpu()
-                          for i in range(0, len(texts), batch_size)])
+        return in_batches(lambda x, t: model.itm_scores(x.float(), t).cpu(), features, texts, batch_size=batch_size)
 
     s = {k: scores(v) for k, v in pairs.items()}
     return {"> random": float((s["matched"] > s["random"]).float().mean()),

@@ -19,7 +19,10 @@ from torch import nn
 
 from . import distributed as D
 from . import losses as L
+from .adapter import ImageAdapter
 from .qformer import QFormer, QFormerConfig
+from .reference import qformer_from_bert
+from .utils import in_batches
 
 
 @dataclass
@@ -48,25 +51,6 @@ class Stage1Config:
     cross_attention_logit_std: float | None = field(default=None, metadata={"key": "if_changed"})
 
 
-class ImageAdapter(nn.Module):
-    """LayerNorm and a learned position embedding on the frozen image tokens.
-
-    CNN features carry no position signal of their own, and their scale is far
-    from BERT's: both would make cross-attention's early steps blind.
-    """
-
-    def __init__(self, num_tokens: int, hidden_size: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden_size)
-        self.position = nn.Parameter(torch.zeros(1, num_tokens, hidden_size))
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        if image_embeds.shape[1:] != self.position.shape[1:]:
-            raise ValueError(f"image_embeds must be (B, {self.position.shape[1]}, {self.position.shape[2]}), "
-                             f"got {tuple(image_embeds.shape)}")
-        return self.norm(image_embeds.to(self.position.dtype)) + self.position
-
-
 class Stage1Model(nn.Module):
     def __init__(self, qformer: QFormer, tokenizer, num_image_tokens: int, config: Stage1Config | None = None):
         super().__init__()
@@ -88,7 +72,7 @@ class Stage1Model(nn.Module):
                           config: Stage1Config | None = None) -> "Stage1Model":
         """BERT-initialised Q-Former (cross-attention random) + fresh heads, as in BLIP-2."""
         config = config or Stage1Config()
-        qformer = QFormer.from_bert(text_encoder.model, num_query_tokens=config.num_query_tokens,
+        qformer = qformer_from_bert(text_encoder.model, num_query_tokens=config.num_query_tokens,
                                     encoder_hidden_size=image_hidden_size, dropout=config.dropout)
         model = cls(qformer, text_encoder.tokenizer, num_image_tokens, config)
         if config.cross_attention_logit_std is not None:    # after the heads: they get the same init either way
@@ -142,8 +126,14 @@ class Stage1Model(nn.Module):
 
     # ------------------------------------------------------------------ losses
     def forward(self, image_embeds: torch.Tensor, captions: list[str], image_ids: list | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The configured stage-1 losses; ``loss`` is their sum."""
+                generator: torch.Generator | None = None,
+                positive_captions: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+        """The configured stage-1 losses; ``loss`` is their sum.
+
+        Which captions count as matches: by default a photo's own (and those of the same ``image_ids``).
+        ``positive_captions[i]``: the batch rows whose caption fits photo i, where other photos' captions can
+        (``train.caption_batches`` with ``fits``). Otherwise ITC would push apart, and ITM would learn to reject,
+        pairs that are true: on the shapes world, ITM's "hard negatives" are then mostly right captions."""
         image_embeds = self.image_adapter(image_embeds.to(self.device))
         # Several processes (distributed.py): each holds its rows of the global batch; ITC and ITM's negatives use
         # every process's rows, gathered in the global order (in one process every D. call is the identity). The
@@ -152,6 +142,8 @@ class Stage1Model(nn.Module):
         input_ids, attention_mask = D.own_rows(all_input_ids), D.own_rows(all_attention_mask)
         b = all_input_ids.shape[0]
         image_ids = list(range(b)) if image_ids is None else D.gather_objects(list(image_ids))
+        pos = (L.positives(image_ids) if positive_captions is None
+               else L.positives_from_lists(D.gather_objects(list(positive_captions))))
         out: dict[str, torch.Tensor] = {}
 
         # ITC: one pass, queries and text side by side under the uni-modal mask. It keeps the queries' keys and
@@ -164,13 +156,12 @@ class Stage1Model(nn.Module):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         itc, sim_i2t = L.itc_loss(D.gather(image_feats), D.gather(text_feats), self.temp, image_ids,
-                                  self.config.itc_label_smoothing, rows=D.local_rows(b))
+                                  self.config.itc_label_smoothing, rows=D.local_rows(b), is_positive=pos)
         if "itc" in self.config.losses:
             out["itc"] = itc
 
         if "itm" in self.config.losses:
             m = min(b, self.config.itm_batch_size or b)
-            pos = L.positives(image_ids)
             neg_text, neg_image = L.sample_hard_negatives(sim_i2t, pos, generator, self.config.itm_random_negatives)
             # this process's positives: global rows rank, rank + N, ... < m (every process drew the same negatives
             # for the whole batch, from the same generator)
@@ -263,11 +254,9 @@ def itc_features(model: Stage1Model, features: torch.Tensor, captions: list[list
     """ITC features of a whole split: (N, Q, E) per query for the images, (sum of captions, E) for the
     captions, flattened image by image. Each side runs alone, as the ITC mask promises it can."""
     model.eval()
-    image_feats = torch.cat([model.image_features(features[i:i + batch_size].float())
-                             for i in range(0, len(features), batch_size)])
+    image_feats = in_batches(lambda x: model.image_features(x.float()), features, batch_size=batch_size)
     flat = [c for caps in captions for c in caps]
-    text_feats = torch.cat([model.text_features(*model.tokenize(flat[i:i + batch_size]))
-                            for i in range(0, len(flat), batch_size)])
+    text_feats = in_batches(lambda texts: model.text_features(*model.tokenize(texts)), flat, batch_size=batch_size)
     return image_feats.float().cpu(), text_feats.float().cpu()
 
 
@@ -275,7 +264,7 @@ def itc_features(model: Stage1Model, features: torch.Tensor, captions: list[list
 def retrieval(model: Stage1Model, features: torch.Tensor, captions: list[list[str]], ks=(1, 5, 10),
               batch_size: int = 128) -> dict:
     """Image->text and text->image Recall@K with the ITC similarity (max over queries)."""
-    from .clip import caption_image_index, recall_at_k
+    from .metrics import caption_image_index, recall_at_k
 
     sim = L.itc_similarity(*itc_features(model, features, captions, batch_size))
     return recall_at_k(sim, caption_image_index([len(c) for c in captions]), ks)
@@ -318,7 +307,7 @@ def itm_score_groups(model: Stage1Model, features: torch.Tensor, captions: list[
 
     Returns {kind: (N,) tensor}, one score per image.
     """
-    from .clip import caption_image_index
+    from .metrics import caption_image_index
 
     generator = generator or torch.Generator().manual_seed(0)
     owner = caption_image_index([len(c) for c in captions])
@@ -367,120 +356,3 @@ def query_diversity(queries: torch.Tensor, threshold: float = 0.9) -> dict[str, 
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
     return {"mean pairwise cosine": off_diagonal.mean().item() if q > 1 else 1.0,
             "distinct queries": sum(distinct) / len(distinct), "effective rank": entropy.exp().mean().item()}
-
-
-# ---------------------------------------------------------------------------- plots (notebook 04)
-def _smooth(values, window: int):
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    if len(values) < window:
-        return np.arange(len(values)), values
-    kernel = np.ones(window) / window
-    return np.arange(window - 1, len(values)), np.convolve(values, kernel, mode="valid")
-
-
-def plot_stage1_history(runs: dict, batch_size: int = 32, eval_split: str = "dev", n_eval_images: int | None = None,
-                        window: int = 10):
-    """The three loss curves of stage-1 runs and their Recall@5 on ``eval_split`` as training goes (2 x 2 panels).
-
-    ``runs``: {name: TrainResult} (``load_or_train_stage1``'s history). Thin lines are the raw
-    per-step losses, bold ones a ``window``-step moving average. Dashed lines are what a model that
-    has learned nothing scores: log B for ITC (a uniform guess over the batch) and the entropy of
-    1 match in 3 for ITM (a head that cannot tell the pairs apart).
-    """
-    import matplotlib.pyplot as plt
-
-    from .clip import chance_recall
-
-    fig, axes = plt.subplots(2, 2, figsize=(15, 9.5))
-    axes = axes.flatten()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    blind = {"itc": (math.log(batch_size), f"uniform guess: log {batch_size}"),
-             "itm": (-(math.log(1 / 3) + 2 * math.log(2 / 3)) / 3, "blind head: 0.64")}
-    titles = {"itc": "ITC (contrastive)", "itm": "ITM (matching, hard negatives), zoomed in",
-              "itg": "ITG (captioning)"}
-    for ax, name in zip(axes, ("itc", "itm", "itg")):
-        for color, (label, run) in zip(colors, runs.items()):
-            values = run.column(name)
-            if not values:
-                continue
-            ax.plot(values, color=color, alpha=0.25, lw=1)
-            ax.plot(*_smooth(values, window), color=color, lw=2.5, label=label)
-        if name in blind:
-            value, text = blind[name]
-            ax.axhline(value, color="gray", ls="--", lw=1.5)
-            ax.text(ax.get_xlim()[1], value, text + " ", color="dimgray", ha="right", va="top")
-        ax.set(title=titles[name], xlabel="step", ylabel="loss")
-        if name != "itm":
-            ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    ax = axes[3]
-    for color, (label, run) in zip(colors, runs.items()):
-        steps = [s + 1 for s in run.column("step", "evals")]
-        for key, style in ((f"{eval_split}_i2t_r5", "-o"), (f"{eval_split}_t2i_r5", ":s")):
-            values = [100 * v for v in run.column(key, "evals")]
-            if values:
-                direction = "image→text" if "i2t" in key else "text→image"
-                ax.plot(steps, values, style, color=color, lw=2, ms=6, label=f"{label}, {direction}")
-    if n_eval_images:
-        chance = 100 * chance_recall(n_eval_images)["image->text"][5]
-        ax.axhline(chance, color="gray", ls="--", lw=1.5)
-        ax.text(0, chance, f" chance ≈ {chance:.0f}%", color="dimgray", va="bottom")
-    ax.set(title=f"Recall@5 on the {eval_split} split ({n_eval_images or 'all'} photos)", xlabel="step",
-           ylabel="Recall@5 (%)", ylim=(0, 100))
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=11, loc="lower right")
-    axes[0].legend(loc="lower left")
-    fig.tight_layout()
-    return fig
-
-
-def plot_itm_histograms(groups: dict, ax=None, bins: int = 20, value_range: tuple | None = (0, 1)):
-    """Overlaid histograms of ITM P(match), one per kind of pair (``itm_score_groups``).
-
-    ``value_range=None`` zooms in on the scores' own range. A dotted line marks 1/3, the answer of a
-    head that cannot tell pairs apart (1 match per 2 mismatches in training).
-    """
-    import matplotlib.pyplot as plt
-
-    ax = ax or plt.subplots(figsize=(10, 4.8))[1]
-    colors = {"matched": "tab:green", "random": "tab:gray", "hard negative": "tab:red"}
-    if value_range is None:
-        every = torch.cat([torch.as_tensor(v).float() for v in groups.values()])
-        pad = 0.05 * float(every.max() - every.min()) + 1e-3
-        value_range = (float(every.min()) - pad, float(every.max()) + pad)
-    for kind, scores in groups.items():
-        scores = torch.as_tensor(scores).float()
-        color = colors.get(kind)
-        ax.hist(scores.numpy(), bins=bins, range=value_range, alpha=0.25, color=color)
-        ax.hist(scores.numpy(), bins=bins, range=value_range, histtype="step", lw=2.5, color=color,
-                label=f"{kind} (mean {scores.mean():.2f})")
-    if value_range[0] <= 1 / 3 <= value_range[1]:
-        ax.axvline(1 / 3, color="black", ls=":", lw=1.5, label="blind head: 1/3")
-    ax.set(xlabel="ITM head: P(match)", ylabel="pairs", xlim=value_range)
-    ax.legend(fontsize=11)
-    ax.grid(alpha=0.3)
-    return ax
-
-
-def plot_captions(images, generated: list[str], references: list[str], ncols: int = 3, width: int = 40):
-    """Photos in a grid, each with the generated caption and a reference caption underneath."""
-    import textwrap
-
-    import matplotlib.pyplot as plt
-
-    nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 7.4 * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, gen, ref in zip(axes.flat, images, generated, references):
-        ax.imshow(image)
-        ax.text(0, -0.03, textwrap.fill(f"ITG: {gen}", width), transform=ax.transAxes, va="top", fontsize=13,
-                color="navy", weight="bold")
-        lines = len(textwrap.wrap(f"ITG: {gen}", width))
-        ax.text(0, -0.06 - 0.05 * lines, textwrap.fill(f"ref: {ref}", width), transform=ax.transAxes, va="top",
-                fontsize=13, color="dimgray")
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.08, wspace=0.08, hspace=0.45)
-    return fig

@@ -175,7 +175,7 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
 
 
 def caption_batches(features: torch.Tensor, captions: list[list[str]], image_ids: list[str], batch_size: int,
-                    captions_per_image: int = 1):
+                    captions_per_image: int = 1, fits: Callable[[str, str], bool] | None = None):
     """A ``batch_fn`` over cached image features: ``batch_size`` different photos, one random caption each.
 
     Returns dicts with the names the stage-1 and stage-2 models take:
@@ -183,6 +183,9 @@ def caption_batches(features: torch.Tensor, captions: list[list[str]], image_ids
     With ``captions_per_image`` k > 1 (stage 2): ``batch_size // k`` photos and k different captions of each
     (all of them if it has fewer), as a list per photo, which the stage-2 captioner reads with one prefix pass
     per photo (``SoftPromptCaptioner.grouped_loss``).
+    ``fits(image_id, caption)``: whether a caption describes a photo, where other photos' captions can (the shapes
+    world's templates repeat); the batch then says, per photo, which of its captions fit it
+    (``positive_captions``, which ``Stage1Model.forward`` takes).
     """
     if not (len(features) == len(captions) == len(image_ids)):
         raise ValueError(f"{len(features)} feature rows, {len(captions)} caption lists, {len(image_ids)} ids")
@@ -199,8 +202,14 @@ def caption_batches(features: torch.Tensor, captions: list[list[str]], image_ids
         else:
             chosen = [[captions[i][k] for k in torch.randperm(len(captions[i]), generator=generator)
                        [:captions_per_image].tolist()] for i in idx]
-        return {"image_embeds": features[idx].float(), "captions": chosen,
-                "image_ids": [image_ids[i] for i in idx], "generator": generator}
+        batch = {"image_embeds": features[idx].float(), "captions": chosen,
+                 "image_ids": [image_ids[i] for i in idx], "generator": generator}
+        if fits is not None:
+            if captions_per_image != 1:
+                raise ValueError("fits is for one caption per photo (stage 1)")
+            batch["positive_captions"] = [[b for b, caption in enumerate(chosen)
+                                           if b == a or fits(image_ids[i], caption)] for a, i in enumerate(idx)]
+        return batch
 
     return batch_fn
 

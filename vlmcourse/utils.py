@@ -1,10 +1,13 @@
-"""Small helpers every notebook uses: seeding, the cache folder, tables, memory."""
+"""Small helpers the whole package uses: seeding, the cache folder, tables, memory, batches, eval mode, and
+writing a folder all at once (``atomic_dir``). This file imports nothing else from the package."""
 from __future__ import annotations
 
 import os
 import random
 import resource
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +102,53 @@ def progress_bar(iterable=None, **kwargs):
         kwargs.setdefault("ncols", 90)     # a kernel has no terminal to measure
     kwargs.setdefault("mininterval", 1.0)
     return tqdm(iterable, **kwargs)
+
+
+def in_batches(fn, *inputs, batch_size: int, progress: bool = False, desc: str | None = None):
+    """``fn`` applied to consecutive chunks of ``batch_size`` rows of every input (tensors or lists, all as long as
+    the first), and the results put back together: ``torch.cat`` for tensors, one list for lists."""
+    starts = range(0, len(inputs[0]), batch_size)
+    if progress:
+        starts = progress_bar(starts, desc=desc, leave=False)
+    outs = [fn(*(x[i:i + batch_size] for x in inputs)) for i in starts]
+    return torch.cat(outs) if outs and isinstance(outs[0], torch.Tensor) else [y for out in outs for y in out]
+
+
+@contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Put ``modules`` in eval mode (no dropout) for a ``with`` block, then back in the mode each had."""
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+
+
+@contextmanager
+def atomic_dir(path):
+    """Write a folder all at once: the ``with`` block fills the sibling folder it yields, which then takes
+    ``path``'s place by a rename. A folder already at ``path`` is moved aside first and deleted only once the new
+    one is in place, so an interrupted run never leaves half a folder and never loses the old one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    for leftover in (tmp, old):            # from an earlier run of this process id that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        had_folder = path.exists()
+        if had_folder:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if had_folder:
+                os.replace(old, path)      # the new one did not make it: put the old one back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

@@ -9,43 +9,23 @@ An image becomes a sequence of tokens in four steps:
       -> transformer      (B, N+1, D)     pre-LayerNorm blocks: attention, then an MLP
 
 The layers follow Hugging Face's `transformers.ViTModel` exactly, so
-`load_hf_vit(hf_model)` copies its weights (with an explicit key mapping) and
-gives the same outputs. Patches are numbered row by row (row-major), and each
-patch is flattened as (row, column, channel), like MAE's `patchify`.
+`reference.load_hf_vit(hf_model)` copies its weights (with an explicit key
+mapping) and gives the same outputs. Cutting images into patches is in
+patches.py, the notebook's figures in plots.py.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "ViTConfig",
-    "ViTOutput",
-    "patchify",
-    "unpatchify",
-    "PatchEmbedding",
-    "conv_to_linear",
-    "sincos_2d_position_embedding",
-    "position_similarity",
-    "ViTEmbeddings",
-    "Attention",
-    "MLP",
-    "Block",
-    "ViT",
-    "hf_vit_key_mapping",
-    "load_hf_vit",
-    "trace_module_shapes",
-    "pca_rgb",
-    "tensor_to_image",
-    "show_patch_grid",
-    "show_patch_strip",
-    "show_similarity_maps",
-]
+from .patches import check_images
+
+__all__ = ["ViTConfig", "ViTOutput", "PatchEmbedding", "sincos_2d_position_embedding", "position_similarity",
+           "ViTEmbeddings", "Attention", "MLP", "Block", "ViT"]
 
 
 # ----------------------------------------------------------------------------
@@ -141,68 +121,8 @@ _ACTIVATIONS = {
 
 
 # ----------------------------------------------------------------------------
-# Patches
+# Patches (cutting and checking images: patches.py)
 # ----------------------------------------------------------------------------
-
-
-def _check_images(pixel_values: torch.Tensor, patch_size: int, num_channels: int | None = None) -> None:
-    if not isinstance(pixel_values, torch.Tensor):
-        raise ValueError(f"pixel_values must be a tensor of shape (B, C, H, W), got {type(pixel_values).__name__}.")
-    if pixel_values.dim() != 4:
-        hint = " Add a batch dimension with pixel_values[None]." if pixel_values.dim() == 3 else ""
-        raise ValueError(f"pixel_values must have shape (B, C, H, W), got {tuple(pixel_values.shape)}.{hint}")
-    _, c, h, w = pixel_values.shape
-    if num_channels is not None and c != num_channels:
-        hint = " Is the image channels-last (B, H, W, C)? Use .permute(0, 3, 1, 2)." if w == num_channels else ""
-        raise ValueError(f"Expected {num_channels} channels, got {c} (pixel_values {tuple(pixel_values.shape)}).{hint}")
-    for name, size in (("height", h), ("width", w)):
-        if size % patch_size:
-            lo = size // patch_size * patch_size
-            raise ValueError(
-                f"Image {name} {size} is not divisible by patch_size {patch_size}: "
-                f"crop or resize to {lo or patch_size} or {lo + patch_size} px."
-            )
-
-
-def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Cut images into non-overlapping P x P patches and flatten each one.
-
-    (B, C, H, W) -> (B, N, P*P*C) with N = (H/P) * (W/P). Patches go row by row
-    (left to right, then top to bottom), the order a stride-P convolution
-    produces; each patch is flattened as (row, column, channel).
-    """
-    _check_images(pixel_values, patch_size)
-    B, C, H, W = pixel_values.shape
-    P = patch_size
-    h, w = H // P, W // P
-    x = pixel_values.reshape(B, C, h, P, w, P)  # split each axis into (which patch, where inside it)
-    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, P, P, C): patch grid first, then pixels inside a patch
-    return x.reshape(B, h * w, P * P * C)
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Inverse of `patchify`: (B, N, P*P*C) -> (B, C, H, W).
-
-    `grid_size` is (rows, columns) of patches; if omitted the grid is assumed square.
-    """
-    if patches.dim() != 3:
-        raise ValueError(f"patches must have shape (B, N, P*P*C), got {tuple(patches.shape)}.")
-    B, N, D = patches.shape
-    P = patch_size
-    if D % (P * P):
-        raise ValueError(f"Patch length {D} is not P*P*C for patch_size {P} (P*P = {P * P}).")
-    C = D // (P * P)
-    if grid_size is None:
-        side = math.isqrt(N)
-        if side * side != N:
-            raise ValueError(f"{N} patches do not make a square grid: pass grid_size=(rows, columns).")
-        grid_size = (side, side)
-    h, w = grid_size
-    if h * w != N:
-        raise ValueError(f"grid_size {grid_size} holds {h * w} patches, but got {N}.")
-    x = patches.reshape(B, h, w, P, P, C)
-    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, P, w, P)
-    return x.reshape(B, C, h * P, w * P)
 
 
 class PatchEmbedding(nn.Module):
@@ -222,29 +142,12 @@ class PatchEmbedding(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor, trace: list | None = None) -> torch.Tensor:
-        _check_images(pixel_values, self.patch_size, self.num_channels)
+        check_images(pixel_values, self.patch_size, self.num_channels)
         x = self.projection(pixel_values)  # (B, D, h, w): a D-vector at every patch position
         _record(trace, f"patch conv ({self.patch_size}x{self.patch_size}, stride {self.patch_size})", x)
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, D): row-major sequence of patch tokens
         _record(trace, "flatten grid -> sequence of patch tokens", x)
         return x
-
-
-def conv_to_linear(conv: nn.Conv2d) -> nn.Linear:
-    """The `nn.Linear` on `patchify` output that computes exactly what a stride-P conv does.
-
-    The conv weight is (D, C, P, P); our patches are flattened as (P, P, C), so the
-    weight is permuted to (D, P, P, C) before being reshaped to (D, P*P*C).
-    """
-    D, C, P, P2 = conv.weight.shape
-    if P != P2 or conv.stride != (P, P) or conv.padding not in ((0, 0), "valid"):
-        raise ValueError(f"Only a square, stride-P, unpadded conv is a per-patch linear layer; got {conv}.")
-    linear = nn.Linear(P * P * C, D, bias=conv.bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.permute(0, 2, 3, 1).reshape(D, P * P * C))
-        if conv.bias is not None:
-            linear.bias.copy_(conv.bias)
-    return linear
 
 
 # ----------------------------------------------------------------------------
@@ -315,7 +218,7 @@ class ViTEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, pixel_values: torch.Tensor, trace: list | None = None) -> torch.Tensor:
-        _check_images(pixel_values, self.config.patch_size, self.config.num_channels)
+        check_images(pixel_values, self.config.patch_size, self.config.num_channels)
         H, W = pixel_values.shape[-2:]
         S = self.config.image_size
         if (H, W) != (S, S):
@@ -473,227 +376,7 @@ class ViT(nn.Module):
             self(pixel_values, trace=trace)
         return trace
 
-    @classmethod
-    def from_hf_state_dict(cls, state_dict: dict, config: ViTConfig) -> "ViT":
-        """Build a ViT and copy in the weights of a Hugging Face ViTModel state dict.
-
-        Accepts the current HF names (`layers.0.attention.q_proj...`), the older
-        names used by checkpoints on the Hub (`encoder.layer.0.attention.attention.query...`)
-        and a `vit.` prefix (ViTForImageClassification); the pooler and
-        classifier head are ignored.
-        """
-        if config.position_embedding != "learned":
-            raise ValueError("HF ViT checkpoints have learned position embeddings: use position_embedding='learned'.")
-        sd = {k.removeprefix("vit."): v for k, v in state_dict.items()}
-        sd = {k: v for k, v in sd.items() if not k.startswith(("pooler.", "classifier."))}
-        legacy = any(k.startswith("encoder.layer.") for k in sd)
-        model = cls(config)
-        mapping = hf_vit_key_mapping(config, legacy=legacy)
-        missing = [hf for hf in mapping.values() if hf not in sd]
-        unexpected = sorted(set(sd) - set(mapping.values()))
-        if missing or unexpected:
-            raise ValueError(
-                f"State dict does not match ViTConfig(num_hidden_layers={config.num_hidden_layers}, "
-                f"qkv_bias={config.qkv_bias}): missing {missing[:5]}, unexpected {unexpected[:5]}."
-            )
-        ours = model.state_dict()
-        new_sd = {}
-        for our_key, hf_key in mapping.items():
-            if sd[hf_key].shape != ours[our_key].shape:
-                raise ValueError(
-                    f"Shape mismatch: HF {hf_key} is {tuple(sd[hf_key].shape)}, "
-                    f"our {our_key} is {tuple(ours[our_key].shape)}: check the config."
-                )
-            new_sd[our_key] = sd[hf_key]
-        model.load_state_dict(new_sd, strict=True)
-        return model
-
-
-def hf_vit_key_mapping(config: ViTConfig, legacy: bool = False) -> dict[str, str]:
-    """{our parameter name: Hugging Face ViTModel parameter name}.
-
-    `legacy=True` gives the names of checkpoints saved before transformers 5
-    (e.g. google/vit-base-patch16-224), which transformers renames on load.
-    """
-    mapping = {
-        "embeddings.cls_token": "embeddings.cls_token",
-        "embeddings.position_embeddings": "embeddings.position_embeddings",
-        "embeddings.patch_embeddings.projection.weight": "embeddings.patch_embeddings.projection.weight",
-        "embeddings.patch_embeddings.projection.bias": "embeddings.patch_embeddings.projection.bias",
-    }
-    if legacy:
-        names = {
-            "norm1": "layernorm_before",
-            "attn.q_proj": "attention.attention.query",
-            "attn.k_proj": "attention.attention.key",
-            "attn.v_proj": "attention.attention.value",
-            "attn.out_proj": "attention.output.dense",
-            "norm2": "layernorm_after",
-            "mlp.fc1": "intermediate.dense",
-            "mlp.fc2": "output.dense",
-        }
-    else:
-        names = {
-            "norm1": "layernorm_before",
-            "attn.q_proj": "attention.q_proj",
-            "attn.k_proj": "attention.k_proj",
-            "attn.v_proj": "attention.v_proj",
-            "attn.out_proj": "attention.o_proj",
-            "norm2": "layernorm_after",
-            "mlp.fc1": "mlp.fc1",
-            "mlp.fc2": "mlp.fc2",
-        }
-    prefix = "encoder.layer" if legacy else "layers"
-    for i in range(config.num_hidden_layers):
-        for ours, theirs in names.items():
-            no_bias = ours in ("attn.q_proj", "attn.k_proj", "attn.v_proj") and not config.qkv_bias
-            for p in ("weight",) if no_bias else ("weight", "bias"):
-                mapping[f"blocks.{i}.{ours}.{p}"] = f"{prefix}.{i}.{theirs}.{p}"
-    mapping["norm.weight"] = "layernorm.weight"
-    mapping["norm.bias"] = "layernorm.bias"
-    return mapping
-
-
-def load_hf_vit(hf_model) -> ViT:
-    """Our ViT with the weights of a `transformers.ViTModel` (or ViTForImageClassification)."""
-    config = ViTConfig.from_hf(hf_model.config)
-    return ViT.from_hf_state_dict(hf_model.state_dict(), config)
-
-
-def trace_module_shapes(model: nn.Module, module_names, **inputs) -> list[tuple[str, tuple[int, ...]]]:
-    """Run `model(**inputs)` and return [(module name, output shape), ...] in the order they ran.
-
-    Works for any model (e.g. a Hugging Face one, even on the meta device, where
-    only shapes are computed). Tuple outputs report their first element.
-    """
-    trace, handles = [], []
-    modules = dict(model.named_modules())
-    for name in module_names:
-        if name not in modules:
-            raise ValueError(f"{type(model).__name__} has no submodule {name!r}.")
-
-        def hook(module, args, output, name=name):
-            first = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
-            trace.append((name, tuple(first.shape)))
-
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return trace
-
 
 def _record(trace: list | None, step: str, x: torch.Tensor) -> None:
     if trace is not None:
         trace.append((step, tuple(x.shape)))
-
-
-# ----------------------------------------------------------------------------
-# Figures (for the notebook)
-# ----------------------------------------------------------------------------
-
-
-def tensor_to_image(pixel_values: torch.Tensor):
-    """(3, H, W) or (1, 3, H, W) tensor in [0, 1] -> (H, W, 3) numpy array for `imshow`."""
-    x = pixel_values.detach().float().cpu()
-    if x.dim() == 4:
-        x = x[0]
-    return x.permute(1, 2, 0).clamp(0, 1).numpy()
-
-
-def show_patch_grid(image, patch_size: int, ax=None, numbers: bool = True, color: str = "white", fontsize: int = 7):
-    """Draw the photo with its patch grid, each patch labelled with its index in the sequence."""
-    import matplotlib.pyplot as plt
-
-    import numpy as np
-
-    if isinstance(image, torch.Tensor):
-        array = tensor_to_image(image)
-    else:  # a PIL image or an (H, W, 3) array
-        array = np.asarray(image)
-    H, W = array.shape[:2]
-    ax = ax or plt.gca()
-    ax.imshow(array, extent=(0, W, H, 0))
-    for x in range(0, W + 1, patch_size):
-        ax.axvline(x, color=color, lw=0.8)
-    for y in range(0, H + 1, patch_size):
-        ax.axhline(y, color=color, lw=0.8)
-    if numbers:
-        cols = W // patch_size
-        for r in range(H // patch_size):
-            for c in range(cols):
-                ax.text(
-                    (c + 0.5) * patch_size, (r + 0.5) * patch_size, str(r * cols + c),
-                    ha="center", va="center", color=color, fontsize=fontsize,
-                    bbox=dict(boxstyle="square,pad=0.1", fc="black", alpha=0.35, lw=0),
-                )
-    ax.set_xlim(0, W)
-    ax.set_ylim(H, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return ax
-
-
-def show_patch_strip(patches: torch.Tensor, patch_size: int, indices, ax=None, fontsize: int = 9):
-    """Draw chosen patches (rows of a (N, P*P*C) patch tensor) side by side, as the transformer sees them."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    if patches.dim() == 3:
-        patches = patches[0]
-    P = patch_size
-    gap = max(1, P // 8)
-    tiles = []
-    for i in indices:
-        tiles.append(patches[i].reshape(P, P, -1).clamp(0, 1).cpu().numpy())
-        tiles.append(np.ones((P, gap, tiles[-1].shape[-1]), dtype=tiles[-1].dtype))
-    strip = np.concatenate(tiles[:-1], axis=1)
-    ax = ax or plt.gca()
-    ax.imshow(strip)
-    for k, i in enumerate(indices):
-        ax.text(k * (P + gap) + P / 2, -P * 0.15, str(i), ha="center", va="bottom", fontsize=fontsize)
-    ax.axis("off")
-    return ax
-
-
-def show_similarity_maps(sim: torch.Tensor, positions, axes, title: str = "", vmin=None, vmax=None):
-    """One heatmap per (row, col) position: cosine similarity of its embedding to every other position.
-
-    `sim` is the (h*w, h, w) output of `position_similarity(..., grid_size=(h, w))`.
-    Returns the last image (for a colorbar).
-    """
-    h, w = sim.shape[-2:]
-    im = None
-    for ax, (r, c) in zip(axes, positions):
-        im = ax.imshow(sim[r * w + c].numpy(), cmap="viridis", vmin=vmin, vmax=vmax)
-        ax.plot(c, r, marker="s", ms=7, mfc="none", mec="red", mew=2)
-        ax.set_title(f"{title}({r}, {c})", fontsize=11)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return im
-
-
-def pca_rgb(tokens: torch.Tensor, grid_size: tuple[int, int]):
-    """Project tokens (N, D) onto their top 3 principal components, scaled to [0, 1]: an (h, w, 3) image.
-
-    Tokens with similar features get similar colours. The sign of each component
-    is fixed so that its largest loading is positive (so colours are repeatable).
-    """
-    if tokens.dim() == 3:
-        if tokens.shape[0] != 1:
-            raise ValueError(f"Expected the tokens of one image, (N, D) or (1, N, D), got {tuple(tokens.shape)}.")
-        tokens = tokens[0]
-    h, w = grid_size
-    if tokens.shape[0] != h * w:
-        raise ValueError(f"{tokens.shape[0]} tokens do not fill a {h}x{w} grid.")
-    x = tokens.detach().float().cpu()
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
-    v = v[:3]
-    v = v * torch.sign(v.gather(1, v.abs().argmax(1, keepdim=True)))
-    proj = x @ v.T  # (N, 3)
-    proj = (proj - proj.min(0).values) / (proj.max(0).values - proj.min(0).values).clamp_min(1e-8)
-    return proj.reshape(h, w, 3).numpy()

@@ -14,6 +14,8 @@ map*. This module
 * puts it all behind sliders (``explorer``), with a static gallery for places
   where widgets cannot run (nbval, GitHub).
 
+The figures of notebooks 01-06 are in plots.py; only notebooks import either file.
+
 A map shows *where a query reads* in that layer: its output there is the
 attention-weighted mix of the patches' value vectors. It is not an explanation of
 what the model "thinks", and each head reads differently.
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import in_jupyter_kernel
+from .plots import as_image_array
+from .utils import eval_mode, in_jupyter_kernel
 
 __all__ = [
     "cross_attention_maps",
@@ -73,12 +76,8 @@ def cross_attention_maps(qformer, image_embeds: torch.Tensor, grid_size: tuple[i
     h, w = grid_size
     if image_embeds.shape[1] != h * w:
         raise ValueError(f"{image_embeds.shape[1]} image tokens do not fill a {h}x{w} grid")
-    was_training = qformer.training
-    qformer.eval()  # no dropout on the probabilities
-    try:
+    with eval_mode(qformer):  # no dropout on the probabilities
         out = qformer(image_embeds=image_embeds, output_attentions=True)
-    finally:
-        qformer.train(was_training)
     maps = torch.stack(out.cross_attentions)  # (layers, B, heads, Q, N)
     return maps.float().cpu().reshape(*maps.shape[:-1], h, w)
 
@@ -94,12 +93,10 @@ def query_input_similarity(qformer, image_embeds: torch.Tensor) -> torch.Tensor:
     entering = []
     hooks = [layer.cross_attn.register_forward_pre_hook(lambda module, args: entering.append(args[0].float()))
              for layer in qformer.layers if layer.cross_attn is not None]
-    was_training = qformer.training
-    qformer.eval()
     try:
-        qformer(image_embeds=image_embeds)
+        with eval_mode(qformer):
+            qformer(image_embeds=image_embeds)
     finally:
-        qformer.train(was_training)
         for hook in hooks:
             hook.remove()
     Q = entering[0].shape[1]
@@ -280,12 +277,6 @@ def query_region_consistency(maps: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- drawing
-def _as_array(image) -> np.ndarray:
-    if isinstance(image, torch.Tensor):  # (3, H, W) in [0, 1]
-        return image.detach().float().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
-    return np.asarray(image)
-
-
 def _muted(array: np.ndarray) -> np.ndarray:
     """The photo half desaturated and a little darker, so the colours on top stand out."""
     rgb = array[..., :3].astype(np.float32)
@@ -310,7 +301,7 @@ def overlay(ax, image, attention, vmax: float | None = None, title: str | None =
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    array = _as_array(image)
+    array = as_image_array(image)
     H, W = array.shape[:2]
     attention = torch.as_tensor(attention).float()
     h, w = attention.shape[-2:]
@@ -560,3 +551,39 @@ def _widget_ui(images, maps, layer_names, photo_names, query, head):
             return "Attention explorer: run the notebook in Jupyter or Colab to use the sliders."
 
     return Explorer([widgets.HBox(list(controls.values())[:2]), widgets.HBox(list(controls.values())[2:]), picture])
+
+
+def plot_object_attention(images, maps: torch.Tensor, objects: list[list[dict]], grid: tuple[int, int] = (7, 7),
+                          panel_size: float = 3.4, fontsize: int = 11):
+    """Shapes world: for each object of each photo, the map of the query that puts the most attention on it.
+
+    ``maps``: (photos, Q, h, w), one layer with its heads averaged; ``objects``: each photo's ground truth
+    (``shapes.ShapesDataset.objects``, whose ``cells`` are on the h x w patch grid). Each panel outlines the
+    object's cells and gives the query and the share of its attention that lands on them.
+    Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    h, w = grid
+    columns = max(len(objs) for objs in objects)
+    fig, axes = plt.subplots(len(images), columns, figsize=(panel_size * columns + 1.2, panel_size * len(images)),
+                             squeeze=False, layout="constrained")
+    mappable = None
+    for row, (image, photo_maps, objs) in enumerate(zip(images, maps, objects)):
+        array = as_image_array(image)
+        cell_h, cell_w = array.shape[0] / h, array.shape[1] / w
+        for ax in axes[row, len(objs):]:
+            ax.axis("off")
+        for ax, obj in zip(axes[row], objs):
+            inside = torch.zeros(h * w, dtype=torch.bool)
+            inside[[i * w + j for i, j in obj["cells"]]] = True
+            mass = photo_maps.reshape(len(photo_maps), h * w).float()[:, inside].sum(-1)   # (Q,)
+            q = int(mass.argmax())
+            mappable = overlay(ax, image, photo_maps[q], title=f"{obj['colour']} {obj['shape']}: query {q}, "
+                               f"{mass[q]:.0%} on it", fontsize=fontsize)
+            for i, j in obj["cells"]:
+                ax.add_patch(Rectangle((j * cell_w, i * cell_h), cell_w, cell_h, fill=False, ec="white", lw=1.2,
+                                       ls="--"))
+    if mappable is not None:
+        _colorbar(fig, mappable, axes)
+    return fig

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmcourse.vit import patchify
+from vlmcourse.patches import patchify
 from vlmcourse.exercises import _not_attempted, _run_learner
 
 __all__ = ["check_sequence_length", "check_patchify", "check_patch_embedding_params"]
@@ -51,7 +51,7 @@ def check_sequence_length(num_patches, seq_length, image_size: int = 384, patch_
 def check_patchify(fn) -> None:
     """Exercise 2: the learner's patchify(pixel_values, patch_size) against ours on random images."""
     how = ("Fill in my_patchify(pixel_values, patch_size) so that it returns (B, N, P*P*C) in the same order "
-           "as vlmcourse.vit.patchify, with only reshape and permute. Start by splitting H into (H/P, P) "
+           "as vlmcourse.patches.patchify, with only reshape and permute. Start by splitting H into (H/P, P) "
            "and W into (W/P, P).")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 12)  # a 2 x 3 grid of 4 x 4 patches, not square on purpose
@@ -67,7 +67,7 @@ def check_patchify(fn) -> None:
               f"got {tuple(got.shape)}.\n  Hint: N = (H/P) * (W/P) patches, each of P*P*C = 48 numbers.")
         return
     if torch.equal(got, expected):
-        print("✓ my_patchify matches vlmcourse.vit.patchify "
+        print("✓ my_patchify matches vlmcourse.patches.patchify "
               "(row-major patches, each flattened as row, column, channel).")
         return
     same_pixels = torch.equal(got.sort(-1).values, expected.sort(-1).values)

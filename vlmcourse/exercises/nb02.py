@@ -10,7 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vlmcourse.clip import chance_recall, info_nce
+from vlmcourse.clip import info_nce
+from vlmcourse.metrics import chance_recall
 from vlmcourse.exercises import _not_attempted, _as_float, _run_learner
 
 __all__ = ["EXERCISE_SIMILARITY", "EXERCISE_TEMPERATURE", "check_info_nce", "check_info_nce_fn",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from vlmcourse.qformer import MASK_TYPES, Attention, QFormerConfig, self_attention_mask
+from vlmcourse.masks import MASK_TYPES, self_attention_mask
+from vlmcourse.qformer import Attention, QFormerConfig
 from vlmcourse.exercises import _not_attempted, _run_learner
 
 __all__ = ["check_itg_mask", "check_self_attention_mask", "check_cross_attention_params", "check_masks_that_leak_text", "cross_attention_params"]

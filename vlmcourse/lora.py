@@ -1,25 +1,18 @@
-"""The captioner of notebook 06: stage 2 plus LoRA on the LLM, its baselines and diagnostics, and a one-call API.
+"""The captioner of notebook 06: stage 2 plus LoRA on the LLM, how it is trained and saved, and a one-call API.
 
     connector (Q-Former | mean-pooled patches | all patches) -> projection -> LLM (+ LoRA)
 
 Stage 2 alone keeps the LLM frozen: the soft prompts must say everything. LoRA
 (``LoraSettings``) also lets the LLM's attention adapt to them, training low-rank
 updates (1.8M weights at r=16, 1.4% of SmolLM2-135M) and leaving the LLM's own untouched. The base LLM is
-shared, never copied: ``Captioner`` injects its adapters into a module tree of
+shared, never copied: ``LoRACaptioner`` injects its adapters into a module tree of
 its own over the same weight tensors (``shared_copy``), so several captioners
 (with and without LoRA) can be trained in one process on one loaded LLM.
 
-Honest numbers need baselines measured the same way: the same model shown a
-blank gray photo (what it says from the prompt alone), the caption of the most
-similar train photo (``nearest_neighbour_captions``), and one caption for every
-photo (``constant_caption``). A model that does not beat them is not looking at
-the image. ``evaluate_captioner`` reports all of them with the diagnostics of
-the "emits only EOS" failure: P(EOS) at the first step, empty and distinct
-captions, and how many captions change when the photos' soft prompts are swapped.
-
-Saved models (``Captioner.save_pretrained``) hold the connector, the projection
+Saved models (``LoRACaptioner.save_pretrained``) hold the connector, the projection
 and the LoRA weights as safetensors, and a config.json; the LLM comes from the
 profile. ``vlmcourse.caption(images, model_dir)`` captions photos in one call.
+Its evaluation, baselines and diagnostics are in evaluate.py.
 """
 from __future__ import annotations
 
@@ -31,12 +24,17 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .bridge import GENERATION_BATCH, MeanPoolConnector, PatchConnector, SoftPromptCaptioner, evaluate_captions
-from .profiles import Profile, get_profile
-from .recipes import (Stage1Recipe, Stage2Recipe, bridge_config, captions_for, fit_captioner, load_or_train_stage2,
-                      profile_tag, recipe_key, save_trained, split_features, stage2_connector)
+from .backbones import load_llm, load_vision_encoder
+from .data import load_image, to_rgb
+from .features import patch_tokens
+from .profiles import Profile, as_profile
+from .recipes import (Recipe, Stage1Recipe, Stage2Recipe, bridge_config, fit_captioner, load_or_train_stage2,
+                      profile_tag, save_trained, stage2_connector)
+from .stage2 import MeanPoolConnector, PatchConnector, SoftPromptCaptioner
 from .stage1 import Stage1Config
 from .train import TrainResult
 from .utils import cache_dir, seed_everything
@@ -47,7 +45,7 @@ CLI_TRAINING_TIME = ("about 25 minutes on a quiet 2-core CPU with bf16 (AVX512-B
 ADAPTER_FILE = "adapter_model.safetensors"     # PEFT's name for the LoRA weights
 MODEL_FILE = "model.safetensors"               # connector and projection (SoftPromptCaptioner.save_pretrained)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-# What every captioner's config.json holds (Captioner.save_pretrained); "lora" is null without LoRA.
+# What every captioner's config.json holds (LoRACaptioner.save_pretrained); "lora" is null without LoRA.
 CAPTIONER_KEYS = ("bridge", "connector", "connector_size", "llm", "lora")
 CONNECTORS = ("qformer", "meanpool", "linear")
 # LoRA settings of notebook 06's ablation rows (and the command line), chosen on the dev split (40 steps, one seed):
@@ -78,7 +76,7 @@ class LoraSettings:
 
 
 @dataclass
-class CaptionerRecipe:
+class CaptionerRecipe(Recipe):
     """A captioner: which connector, LoRA or not, and the stage-2 training settings (``stage2``; its
     ``stage1`` recipe gives the Q-Former when ``connector="qformer"``).
 
@@ -105,9 +103,6 @@ class CaptionerRecipe:
             raise ValueError(f"a stage-2 base model has a Q-Former connector, not {self.connector!r}")
         if self.base is not None and self.base.prompt != self.stage2.prompt:
             raise ValueError("the base stage-2 model was trained with another prompt than stage2.prompt")
-
-    def key(self) -> str:
-        return recipe_key(self)
 
     def bridge_config(self):
         return replace(bridge_config(self.stage2), padding=self.padding)
@@ -158,10 +153,6 @@ def _given(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _profile(profile: Profile | str | None) -> Profile:
-    return profile if isinstance(profile, Profile) else get_profile(profile)
-
-
 # ----------------------------------------------------------------------------- the model
 def shared_copy(model: nn.Module) -> nn.Module:
     """A new module tree over the *same* weight tensors (no weight is copied).
@@ -175,7 +166,7 @@ def shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-class Captioner(SoftPromptCaptioner):
+class LoRACaptioner(SoftPromptCaptioner):
     """connector -> projection -> LLM with optional LoRA adapters; also knows its recipe, profile and vision
     encoder, so a saved one can be loaded and used with nothing but its folder.
 
@@ -185,7 +176,7 @@ class Captioner(SoftPromptCaptioner):
     def __init__(self, connector: nn.Module, connector_size: int, llm, config=None, freeze_llm: bool = True,
                  lora: LoraSettings | None = None):
         if not freeze_llm:
-            raise ValueError("a Captioner shares the LLM's weights and never trains them: adapt it with LoRA")
+            raise ValueError("a LoRACaptioner shares the LLM's weights and never trains them: adapt it with LoRA")
         llm = copy.copy(llm)
         llm.model = shared_copy(llm.model)
         super().__init__(connector, connector_size, llm, config, freeze_llm)
@@ -196,7 +187,7 @@ class Captioner(SoftPromptCaptioner):
         if lora is not None:
             self.add_lora(lora)
 
-    def add_lora(self, lora: LoraSettings) -> "Captioner":
+    def add_lora(self, lora: LoraSettings) -> "LoRACaptioner":
         """Inject LoRA adapters (B = 0: the output is unchanged until they train); only they, of the LLM, train."""
         from peft import inject_adapter_in_model
 
@@ -225,14 +216,12 @@ class Captioner(SoftPromptCaptioner):
                        batch_size: int = 16) -> list[str]:
         """Greedy captions of RGB PIL images, through ``vision`` (the profile's encoder)."""
         self.check_vision(vision)
-        return self.generate(image_features(vision, images, batch_size), max_new_tokens, batch_size=batch_size)
+        return self.generate(patch_tokens(vision, images, batch_size), max_new_tokens, batch_size=batch_size)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, path) -> None:
         """model.safetensors (connector, projection), adapter_model.safetensors (LoRA) and config.json (bridge,
         connector, LLM, LoRA settings, recipe, profile, vision encoder). The LLM's own weights are never saved."""
-        from safetensors.torch import save_file
-
         super().save_pretrained(path)
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
@@ -243,16 +232,13 @@ class Captioner(SoftPromptCaptioner):
         (path / "config.json").write_text(json.dumps(config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path, llm=None, profile: Profile | str | None = None) -> "Captioner":
+    def from_pretrained(cls, path, llm=None, profile: Profile | str | None = None) -> "LoRACaptioner":
         """The captioner saved at ``path``, in eval mode, on ``llm`` or the LLM of ``profile`` (default: the
         profile it was saved with). Safetensors only: nothing is unpickled."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        from .backbones import load_llm
 
         config = read_config(path)
-        profile = _profile(profile or config.get("profile"))
+        profile = as_profile(profile or config.get("profile"))
         llm = llm or load_llm(profile)
         try:
             model = super().from_pretrained(path, llm)
@@ -279,8 +265,6 @@ class ModelFolderError(ValueError):
 
 def check_weights(path: Path, name: str) -> None:
     """Every tensor of ``path/name`` can be read and is finite; else ModelFolderError("model folder ... is damaged")."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path / name), framework="pt") as f:
             bad = [k for k in f.keys() if not torch.isfinite(f.get_tensor(k)).all()]
@@ -340,13 +324,11 @@ def build_connector(profile: Profile, recipe: CaptionerRecipe, vision) -> tuple[
 
 
 def train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecipe | None = None, llm=None,
-                    eval_split: str | None = "dev") -> tuple[Captioner, TrainResult]:
+                    eval_split: str | None = "dev") -> tuple[LoRACaptioner, TrainResult]:
     """Train a captioner on cached image features of the train split (stage 2's loop, ``recipes.fit_captioner``),
     with the ``eval_split`` caption loss at the end (None: no evaluation). ``llm`` (``load_llm(profile)``) is
     shared, not modified."""
-    from .backbones import load_llm, load_vision_encoder
-
-    profile, recipe = _profile(profile), recipe or CaptionerRecipe()
+    profile, recipe = as_profile(profile), recipe or CaptionerRecipe()
     vision = load_vision_encoder(profile)
     llm = llm or load_llm(profile)
     base = None
@@ -358,7 +340,7 @@ def train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecip
     else:
         connector, width = build_connector(profile, recipe, vision)
     seed_everything(recipe.stage2.seed)
-    model = Captioner(connector, width, llm, recipe.bridge_config(), lora=recipe.lora)
+    model = LoRACaptioner(connector, width, llm, recipe.bridge_config(), lora=recipe.lora)
     if base is not None:
         model.proj.load_state_dict(base.proj.state_dict())      # stage 2's projection, trained further
     model.recipe, model.profile_name, model.vision_name = recipe, profile.name, vision.name
@@ -372,174 +354,35 @@ def captioner_dir(profile: Profile, recipe: CaptionerRecipe) -> Path:
 
 def load_or_train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecipe | None = None,
                             retrain: bool = False, llm=None, eval_split: str | None = "dev"
-                            ) -> tuple[Captioner, TrainResult]:
+                            ) -> tuple[LoRACaptioner, TrainResult]:
     """The captioner of this recipe: loaded from ``captioner_dir`` if it was trained before, else trained (with
     the ``eval_split`` caption loss at the end; None skips it, e.g. for runs only scored by their captions) and
     saved there (written aside, then renamed)."""
-    profile, recipe = _profile(profile), recipe or CaptionerRecipe()
+    profile, recipe = as_profile(profile), recipe or CaptionerRecipe()
     path = captioner_dir(profile, recipe)
     if (path / "config.json").is_file() and (path / "history.json").is_file() and not retrain:
         history = json.loads((path / "history.json").read_text())
-        return Captioner.from_pretrained(path, llm, profile), TrainResult(**history)
+        return LoRACaptioner.from_pretrained(path, llm, profile), TrainResult(**history)
     model, result = train_captioner(profile, recipe, llm, eval_split)
     save_trained(model, recipe, result, path, check=False)   # our cache folder
     return model, result
 
 
-# ----------------------------------------------------------------------------- features and diagnostics
-@torch.no_grad()
-def image_features(vision, images: list[Image.Image], batch_size: int = 16) -> torch.Tensor:
-    """(N, T, D) patch tokens of RGB PIL images, rounded through float16 as the feature cache stores them
-    (so a photo captioned from its file and from the cache gets the same caption)."""
-    return torch.cat([vision(vision.preprocess(images[i:i + batch_size])).last_hidden_state.to("cpu", torch.float16)
-                      for i in range(0, len(images), batch_size)]).float()
+# ----------------------------------------------------------------------------- the one-call API
+_LOADED: dict[tuple, tuple[LoRACaptioner, nn.Module]] = {}
 
 
-def blank_image_features(vision, color: tuple[int, int, int] = (128, 128, 128)) -> torch.Tensor:
-    """(1, T, D) features of a uniform gray photo: captions from it show what the model says without an image."""
-    return image_features(vision, [Image.new("RGB", (vision.image_size, vision.image_size), color)])
-
-
-@torch.no_grad()
-def swapped_image_captions(model: SoftPromptCaptioner, image_embeds: torch.Tensor, captions: list[str] | None = None,
-                           shift: int = 1, max_new_tokens: int = 30, batch_size: int = GENERATION_BATCH) -> dict:
-    """Caption each photo from another photo's soft prompts (photo i gets photo i - ``shift``'s).
-
-    Returns {"captions": the swapped captions, "changed": the fraction of photos whose caption differs from
-    its own-image caption (``captions``, generated when not given)}. Near 0: the captions ignore the image.
-
-    Greedy decoding is a function of the soft prompts alone (the prompt is the same for every photo), so photo i's
-    swapped caption *is* photo i - ``shift``'s own caption: it is read off, not generated again. ``captions`` must
-    then be this model's greedy captions of ``image_embeds`` with this ``max_new_tokens``.
-    """
-    if captions is None:
-        captions = model.generate(image_embeds, max_new_tokens, batch_size=batch_size)
-    if len(captions) != len(image_embeds):
-        raise ValueError(f"{len(image_embeds)} photos but {len(captions)} own captions")
-    swapped = [captions[(i - shift) % len(captions)] for i in range(len(captions))]
-    changed = sum(a != b for a, b in zip(captions, swapped)) / max(1, len(captions))
-    return {"captions": swapped, "changed": changed}
-
-
-# ----------------------------------------------------------------------------- baselines
-def consensus_captions(captions: list[list[str]]) -> list[str]:
-    """For each photo, the caption its other captions agree with most: the highest CIDEr-D against the
-    photo's other references (leave-one-out; the IDF comes from all the photos given)."""
-    from .metrics import caption_metrics
-
-    pairs = [(i, j) for i, caps in enumerate(captions) for j in range(len(caps))]
-    scores = caption_metrics([captions[i][j] for i, j in pairs],
-                             [captions[i][:j] + captions[i][j + 1:] or captions[i] for i, j in pairs],
-                             per_image=True)["CIDEr-D per image"]
-    best: dict[int, tuple[float, int]] = {}
-    for (i, j), score in zip(pairs, scores):
-        if i not in best or score > best[i][0]:
-            best[i] = (score, j)
-    return [captions[i][best[i][1]] for i in range(len(captions))]
-
-
-@torch.no_grad()
-def nearest_neighbour_captions(train_features: torch.Tensor, train_captions: list[list[str]],
-                               test_features: torch.Tensor) -> list[str]:
-    """For each test photo, a caption of the most similar train photo: cosine similarity of the patch tokens'
-    mean, and of that photo's captions the consensus one (``consensus_captions``: the highest CIDEr-D
-    against its other captions). A model should beat this retrieval baseline to claim it describes."""
-    def pooled(x):
-        return nn.functional.normalize(x.float().mean(1), dim=-1)
-
-    if len(train_features) != len(train_captions):
-        raise ValueError(f"{len(train_features)} train feature rows but {len(train_captions)} caption lists")
-    nearest = (pooled(test_features) @ pooled(train_features).T).argmax(1).tolist()
-    photos = sorted(set(nearest))
-    consensus = dict(zip(photos, consensus_captions([train_captions[k] for k in photos])))
-    return [consensus[k] for k in nearest]
-
-
-def constant_caption(train_captions: list[list[str]], candidates: int = 32, sample: int = 100, seed: int = 0) -> str:
-    """The one train caption that scores best when it is every photo's caption: a baseline that ignores the image.
-
-    Chosen cheaply (a few seconds) and from the train split only: the ``candidates`` captions of the median
-    length whose words are the most common (mean document frequency), then of those the one with the
-    highest CIDEr-D on ``sample`` random train photos.
-    """
-    import random
-    from collections import Counter
-
-    from .metrics import caption_metrics, normalize_caption
-
-    flat = list(dict.fromkeys(c for caps in train_captions for c in caps))
-    words = [normalize_caption(c).split() for c in flat]
-    df = Counter(w for ws in words for w in set(ws))
-    median = sorted(map(len, words))[len(words) // 2]
-    typical = sorted((i for i, ws in enumerate(words) if len(ws) == median),
-                     key=lambda i: -sum(df[w] for w in words[i]) / max(1, median))[:candidates]
-    photos = random.Random(seed).sample(range(len(train_captions)), min(sample, len(train_captions)))
-    scores = caption_metrics([flat[i] for i in typical for _ in photos],
-                             [train_captions[p] for _ in typical for p in photos], per_image=True)["CIDEr-D per image"]
-    totals = [sum(scores[k * len(photos):(k + 1) * len(photos)]) for k in range(len(typical))]
-    return flat[typical[totals.index(max(totals))]]
-
-
-# ----------------------------------------------------------------------------- evaluation and the one-call API
-def evaluate_captioner(model: Captioner | str | os.PathLike, profile: Profile | str | None = None,
-                       split: str = "test", data_root=None, max_new_tokens: int = 30) -> dict:
-    """The captioner (or the folder it was saved to) on ``split``, against the baselines, with the same metrics.
-
-    Returns {"split", "captions" (how many), "bleu4", "cider", "distinct", "empty", "p_eos_first", "unreadable_images",
-    "changed_when_swapped", "blank_image": {bleu4, cider, caption}, "nearest_neighbour": {bleu4, cider},
-    "constant": {bleu4, cider, caption}, "predictions": [{"image_id", "caption"}]}.
-    """
-    from .backbones import load_vision_encoder
-    from .metrics import caption_metrics
-
-    if not isinstance(model, SoftPromptCaptioner):
-        model = Captioner.from_pretrained(model, profile=profile)
-    model.eval()                    # no dropout (LoRA's) in the captions
-    profile = _profile(profile or getattr(model, "profile_name", None))
-    vision = load_vision_encoder(profile)
-    if isinstance(model, Captioner):
-        model.check_vision(vision)
-    feats, ds = split_features(profile, split, vision, data_root)
-    references = captions_for(feats, ds)
-    report = evaluate_captions(model, references, feats.features, max_new_tokens=max_new_tokens)
-    blank = evaluate_captions(model, references, soft_prompts=model.soft_prompts(blank_image_features(vision)),
-                              max_new_tokens=max_new_tokens)
-    swapped = swapped_image_captions(model, feats.features, report["captions"], max_new_tokens=max_new_tokens)
-    train_feats, train_ds = split_features(profile, "train", vision, data_root)
-    train_refs = captions_for(train_feats, train_ds)
-    neighbours = nearest_neighbour_captions(train_feats.features, train_refs, feats.features)
-    neighbour = caption_metrics(neighbours, references)
-    constant = constant_caption(train_refs)
-    fixed = caption_metrics([constant] * len(references), references)
-
-    def scores(m):
-        return {"bleu4": m["BLEU-4"], "cider": m["CIDEr-D"]}
-
-    read = set(feats.image_ids)
-    return {"split": split, "captions": len(report["captions"]), **scores(report), "distinct": report["distinct"],
-            "unreadable_images": [i for i in ds.image_ids if i not in read],     # skipped: scored without them
-            "empty": report["empty"], "p_eos_first": report["P(EOS) first"], "changed_when_swapped": swapped["changed"],
-            "blank_image": {**scores(blank), "caption": blank["captions"][0]},
-            "nearest_neighbour": scores(neighbour), "constant": {**scores(fixed), "caption": constant},
-            "predictions": [{"image_id": i, "caption": c} for i, c in zip(feats.image_ids, report["captions"])]}
-
-
-_LOADED: dict[tuple, tuple[Captioner, nn.Module]] = {}
-
-
-def load_captioner(model_dir, profile: Profile | str | None = None) -> tuple[Captioner, nn.Module]:
-    """(Captioner, its vision encoder) for inference. The last one loaded is kept (it holds an LLM), so
+def load_captioner(model_dir, profile: Profile | str | None = None) -> tuple[LoRACaptioner, nn.Module]:
+    """(LoRACaptioner, its vision encoder) for inference. The last one loaded is kept (it holds an LLM), so
     calling ``caption`` again with the same folder costs no loading."""
-    from .backbones import load_vision_encoder
-
     path = Path(model_dir).resolve()
     config_file = path / "config.json"
     stamp = config_file.stat().st_mtime_ns if config_file.is_file() else None
     key = (str(path), stamp, str(profile))
     if stamp is None or key not in _LOADED:
         _LOADED.clear()
-        model = Captioner.from_pretrained(path, profile=profile)    # checks the folder first (read_config)
-        vision = load_vision_encoder(_profile(profile or model.profile_name))
+        model = LoRACaptioner.from_pretrained(path, profile=profile)    # checks the folder first (read_config)
+        vision = load_vision_encoder(as_profile(profile or model.profile_name))
         model.check_vision(vision)
         _LOADED[key] = model, vision
     return _LOADED[key]
@@ -553,8 +396,6 @@ def caption(images, model_dir, profile: Profile | str | None = None, max_new_tok
     ``images``: paths or PIL images (any mode; converted to RGB), or a single one. An unreadable file
     raises data.ImageLoadError naming it, before anything is captioned.
     """
-    from .data import load_image, to_rgb
-
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
     pil = [to_rgb(image) if isinstance(image, Image.Image) else load_image(image) for image in images]

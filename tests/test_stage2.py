@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vlmcourse.backbones import load_llm
-from vlmcourse.bridge import IGNORE_INDEX, MeanPoolConnector, PatchConnector, SoftPromptCaptioner
+from vlmcourse.stage2 import IGNORE_INDEX, MeanPoolConnector, PatchConnector, SoftPromptCaptioner
 from vlmcourse.train import TrainConfig, train
 
 
@@ -78,10 +78,10 @@ def test_shape_errors(llm):
 
 
 # ----------------------------------------------------------------------------- added with notebook 05
-from vlmcourse.bridge import (PrecomputedConnector, QFormerConnector, caption_loss,  # noqa: E402
-                              connector_from_config, evaluate_captions)
+from vlmcourse.evaluate import evaluate_captions, mean_caption_loss  # noqa: E402
+from vlmcourse.stage2 import PrecomputedConnector, QFormerConnector, connector_from_config  # noqa: E402
 from vlmcourse.qformer import QFormer, QFormerConfig  # noqa: E402
-from vlmcourse.stage1 import ImageAdapter  # noqa: E402
+from vlmcourse.adapter import ImageAdapter  # noqa: E402
 
 
 def qformer_captioner(llm):
@@ -156,7 +156,7 @@ def test_soft_prompts_can_be_zeroed_or_swapped(llm):
                           atol=1e-5)
 
 
-def test_evaluate_captions_and_caption_loss(llm):
+def test_evaluate_captions_and_mean_caption_loss(llm):
     model = captioner(llm).eval()
     x = torch.randn(3, 16, 32)
     refs = [["a dog runs"], ["a red car", "a car"], ["two cats sleep"]]
@@ -167,12 +167,12 @@ def test_evaluate_captions_and_caption_loss(llm):
     assert len(zero["captions"]) == 3 and zero["distinct"] == 1
     with torch.no_grad():                                         # one batch of all 4 pairs: the same mean
         manual = model(x[[0, 1, 1, 2]], ["a dog runs", "a red car", "a car", "two cats sleep"])
-    assert caption_loss(model, x, refs, batch_size=64) == pytest.approx(float(manual), rel=1e-5)
-    assert caption_loss(model, x, refs, batch_size=3) == pytest.approx(float(manual), rel=1e-5)
+    assert mean_caption_loss(model, x, refs, batch_size=64) == pytest.approx(float(manual), rel=1e-5)
+    assert mean_caption_loss(model, x, refs, batch_size=3) == pytest.approx(float(manual), rel=1e-5)
 
 
 def test_clean_captions_and_no_extra_space_after_a_newline_prompt(llm):
-    from vlmcourse.bridge import BridgeConfig, clean_caption
+    from vlmcourse.stage2 import BridgeConfig, clean_caption
 
     assert clean_caption("A dog , running on the road .") == "A dog, running on the road."
     assert clean_caption("a man 's hat is red") == "A man's hat is red."
@@ -190,7 +190,7 @@ def test_clean_captions_and_no_extra_space_after_a_newline_prompt(llm):
 
 
 # ----------------------------------------------------------------------------- issue 17: one prefix pass per photo
-from vlmcourse.bridge import BridgeConfig  # noqa: E402
+from vlmcourse.stage2 import BridgeConfig  # noqa: E402
 from vlmcourse.train import caption_batches  # noqa: E402
 
 GROUPED = [["a dog runs", "a brown dog runs on the grass"], ["a red car"],
@@ -199,14 +199,14 @@ GROUPED = [["a dog runs", "a brown dog runs on the grass"], ["a red car"],
 
 def lora_captioner(llm, qformer=True):
     """A Q-Former (trainable) -> projection -> LLM + LoRA captioner: every kind of trainable weight stage 2 has."""
-    from vlmcourse.captioner import Captioner, LoraSettings
+    from vlmcourse.lora import LoRACaptioner, LoraSettings
 
     torch.manual_seed(0)
     config = QFormerConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=32, num_query_tokens=3, encoder_hidden_size=32,
                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)   # as the recipes train it
     connector = QFormerConnector(QFormer(config), ImageAdapter(16, 32)) if qformer else MeanPoolConnector((4, 4), 2)
-    model = Captioner(connector, 16 if qformer else 32, llm, BridgeConfig(prompt="A short caption of the photo:"),
+    model = LoRACaptioner(connector, 16 if qformer else 32, llm, BridgeConfig(prompt="A short caption of the photo:"),
                       lora=LoraSettings(r=4, lora_alpha=8))
     with torch.no_grad():       # LoRA's B starts at 0, which would leave A without a gradient to compare
         for name, p in model.llm_model.named_parameters():
@@ -270,13 +270,13 @@ def test_grouped_loss_equals_the_ungrouped_on_smollm2_with_lora():
                                     captions)
 
 
-def test_caption_loss_groups_whole_photos(llm):
+def test_mean_caption_loss_groups_whole_photos(llm):
     model = captioner(llm).eval()
     x = torch.randn(3, 16, 32)
     with torch.no_grad():
         manual = model(x[[0, 0, 1, 2, 2, 2]], [c for caps in GROUPED for c in caps])
     for batch_size in (64, 3, 2, 1):      # 1 and 2: a photo with more captions than batch_size goes alone
-        assert caption_loss(model, x, GROUPED, batch_size=batch_size) == pytest.approx(float(manual), rel=1e-5)
+        assert mean_caption_loss(model, x, GROUPED, batch_size=batch_size) == pytest.approx(float(manual), rel=1e-5)
 
 
 def test_caption_batches_of_several_captions_per_photo_train_stage2(llm):
@@ -311,7 +311,7 @@ def test_caption_batches_of_several_captions_per_photo_train_stage2(llm):
 
 
 def test_swapped_captions_are_read_off_and_match_real_generation(llm):
-    from vlmcourse.captioner import swapped_image_captions
+    from vlmcourse.evaluate import swapped_image_captions
 
     torch.manual_seed(0)
     # no text prompt: the random tiny LLM then continues from a soft prompt, and photos get different captions

@@ -1,5 +1,10 @@
 """Stage 2: image features become soft prompts for a frozen LLM.
 
+This file holds the soft-prompt captioner (``SoftPromptCaptioner``) and its inputs (``build_inputs``,
+``text_inputs``; the two trap layouts of notebook 06 in ``trap_text_inputs``). The connectors are in connectors.py
+(imported here too), its caption loss and caption scores in evaluate.py, its figures in plots.py, LoRA on top of it
+in lora.py.
+
 A *connector* turns the frozen image encoder's patch tokens into a few vectors
 (the Q-Former's query outputs, or a pooled/projected alternative); a linear
 *projection* maps them to the LLM's embedding size; the LLM reads them as the
@@ -44,9 +49,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .connectors import (MeanPoolConnector, PatchConnector, PrecomputedConnector,  # noqa: F401  (stage2's API)
+                         QFormerConnector, connector_from_config)
 from .distributed import global_mean
+from .utils import eval_mode, in_batches
 
 IGNORE_INDEX = -100
 PADDINGS = ("right", "left_unmasked", "mask_by_pad_id")   # the correct label layout, then two traps
@@ -78,112 +87,33 @@ def clean_caption(caption: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-class MeanPoolConnector(nn.Module):
-    """Baseline connector: average-pool the patch grid to a small grid, one token per cell."""
-
-    def __init__(self, grid_size: tuple[int, int], pooled: int = 1):
-        super().__init__()
-        self.grid_size, self.pooled = tuple(grid_size), pooled
-        self.num_tokens = pooled * pooled
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid_size
-        b, n, d = image_embeds.shape
-        if n != h * w:
-            raise ValueError(f"expected {h * w} patch tokens for a {h}x{w} grid, got {n}")
-        grid = image_embeds.transpose(1, 2).reshape(b, d, h, w)
-        return nn.functional.adaptive_avg_pool2d(grid, self.pooled).flatten(2).transpose(1, 2)
-
-    def to_config(self) -> dict:
-        return {"type": "meanpool", "grid_size": list(self.grid_size), "pooled": self.pooled}
+def text_inputs(caps: list[torch.Tensor], fill_id: int):
+    """The caption block of a batch, right-padded: (ids, attention mask, labels), each (B, T). Padding is found by
+    position, never by id (pad = EOS in SmolLM2): its mask is 0 and its label -100; the real EOS keeps its label.
+    ``fill_id`` fills the padding (any id: it is masked)."""
+    b, t = len(caps), max(len(c) for c in caps)
+    ids = torch.full((b, t), fill_id, dtype=torch.long)
+    text_mask = torch.zeros(b, t, dtype=torch.long)
+    for i, c in enumerate(caps):
+        ids[i, :len(c)], text_mask[i, :len(c)] = c, 1
+    return ids, text_mask, ids.masked_fill(text_mask == 0, IGNORE_INDEX)
 
 
-class PatchConnector(nn.Module):
-    """LLaVA-style baseline: every patch token goes to the LLM (the projection does the work)."""
-
-    def __init__(self, num_patches: int):
-        super().__init__()
-        self.num_tokens = num_patches
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        return image_embeds
-
-    def to_config(self) -> dict:
-        return {"type": "patch", "num_patches": self.num_tokens}
-
-
-class PrecomputedConnector(nn.Module):
-    """Stands in for a *frozen* connector whose outputs were computed once (``connector_outputs``).
-
-    Its input is already the connector output (B, Q, C); it only checks the shape.
-    """
-
-    def __init__(self, num_tokens: int, size: int):
-        super().__init__()
-        self.num_tokens, self.size = num_tokens, size
-
-    def forward(self, connector_output: torch.Tensor) -> torch.Tensor:
-        if tuple(connector_output.shape[1:]) != (self.num_tokens, self.size):
-            raise ValueError(f"expected precomputed connector outputs (B, {self.num_tokens}, {self.size}), "
-                             f"got {tuple(connector_output.shape)}: pass connector_outputs(...), not image features")
-        return connector_output
-
-    def to_config(self) -> dict:
-        return {"type": "precomputed", "num_tokens": self.num_tokens, "size": self.size}
-
-
-class QFormerConnector(nn.Module):
-    """The Q-Former's query outputs (B, Q, H): the image seen through Q learned questions."""
-
-    def __init__(self, qformer: nn.Module, image_norm: nn.Module | None = None):
-        super().__init__()
-        self.qformer, self.image_norm = qformer, image_norm
-        self.num_tokens = qformer.config.num_query_tokens
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        if self.image_norm is not None:
-            image_embeds = self.image_norm(image_embeds)
-        return self.qformer(image_embeds=image_embeds).query_output
-
-    def to_config(self) -> dict:
-        from .stage1 import ImageAdapter
-
-        norm = self.image_norm
-        if norm is None:
-            norm_config = None
-        elif isinstance(norm, ImageAdapter):
-            norm_config = {"type": "image_adapter", "num_tokens": norm.position.shape[1],
-                           "hidden_size": norm.position.shape[2]}
-        elif isinstance(norm, nn.LayerNorm):
-            norm_config = {"type": "layernorm", "size": norm.normalized_shape[0], "eps": norm.eps}
-        else:
-            raise TypeError(f"cannot save an image_norm of type {type(norm).__name__}: "
-                            f"use stage1.ImageAdapter, nn.LayerNorm or None")
-        return {"type": "qformer", "qformer": self.qformer.config.to_dict(), "image_norm": norm_config}
-
-
-def connector_from_config(config: dict) -> nn.Module:
-    """A connector with fresh weights, built from ``connector.to_config()`` (``from_pretrained`` loads them)."""
-    kind = config.get("type")
-    if kind == "meanpool":
-        return MeanPoolConnector(tuple(config["grid_size"]), config["pooled"])
-    if kind == "patch":
-        return PatchConnector(config["num_patches"])
-    if kind == "precomputed":
-        return PrecomputedConnector(config["num_tokens"], config["size"])
-    if kind == "qformer":
-        from .qformer import QFormer, QFormerConfig
-        from .stage1 import ImageAdapter
-
-        norm, norm_config = None, config.get("image_norm")
-        if norm_config and norm_config["type"] == "image_adapter":
-            norm = ImageAdapter(norm_config["num_tokens"], norm_config["hidden_size"])
-        elif norm_config and norm_config["type"] == "layernorm":
-            norm = nn.LayerNorm(norm_config["size"], eps=norm_config["eps"])
-        elif norm_config:
-            raise ValueError(f"unknown image_norm type {norm_config['type']!r}")
-        return QFormerConnector(QFormer(QFormerConfig(**config["qformer"])), norm)
-    raise ValueError(f"unknown connector type {kind!r}: expected qformer, meanpool, patch or precomputed")
+def trap_text_inputs(caps: list[torch.Tensor], padding: str, pad_id: int):
+    """The two classic mistakes of ``text_inputs``, reproduced on purpose (notebook 06, ``BridgeConfig(padding=...)``):
+    "left_unmasked" pads on the left and attends to and labels the pads; "mask_by_pad_id" pads on the right and
+    sets every label equal to the pad id to -100, the real EOS too when pad == EOS."""
+    if padding not in PADDINGS[1:]:
+        raise ValueError(f"not a trap layout: {padding!r} (choose one of {PADDINGS[1:]})")
+    b, t = len(caps), max(len(c) for c in caps)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    text_mask = torch.zeros(b, t, dtype=torch.long)
+    for i, c in enumerate(caps):
+        span = slice(t - len(c), t) if padding == "left_unmasked" else slice(0, len(c))
+        ids[i, span], text_mask[i, span] = c, 1
+    if padding == "left_unmasked":            # the pads are attended to and labelled
+        return ids, torch.ones_like(text_mask), ids
+    return ids, text_mask, ids.masked_fill(ids == pad_id, IGNORE_INDEX)   # masks the real EOS too when pad == EOS
 
 
 class SoftPromptCaptioner(nn.Module):
@@ -234,14 +164,9 @@ class SoftPromptCaptioner(nn.Module):
         For a frozen connector they never change: compute them once and train on them through
         ``using_connector(PrecomputedConnector(Q, C))``.
         """
-        was_training = self.connector.training
-        self.connector.eval()
-        try:
-            outs = [self.connector(image_embeds[i:i + batch_size].to(self.device, self.proj.weight.dtype)).cpu()
-                    for i in range(0, len(image_embeds), batch_size)]
-        finally:
-            self.connector.train(was_training)
-        return torch.cat(outs)
+        with eval_mode(self.connector):
+            return in_batches(lambda x: self.connector(x.to(self.device, self.proj.weight.dtype)).cpu(), image_embeds,
+                              batch_size=batch_size)
 
     @contextmanager
     def using_connector(self, connector: nn.Module):
@@ -280,21 +205,9 @@ class SoftPromptCaptioner(nn.Module):
     def _text_inputs(self, captions: list[str]):
         """(ids, attention mask, labels) of the caption block, each (B, T), laid out as ``config.padding`` says."""
         caps = self.caption_ids(captions)
-        b, t = len(caps), max(len(c) for c in caps)
-        padding = self.config.padding
-        pad_id = self.eos_id if padding == "right" else self.pad_id     # right: irrelevant, masked below
-        ids = torch.full((b, t), pad_id, dtype=torch.long)
-        text_mask = torch.zeros(b, t, dtype=torch.long)
-        for i, c in enumerate(caps):
-            span = slice(t - len(c), t) if padding == "left_unmasked" else slice(0, len(c))
-            ids[i, span], text_mask[i, span] = c, 1
-        if padding == "left_unmasked":            # trap: the pads are attended to and labelled
-            text_mask, text_labels = torch.ones_like(text_mask), ids
-        elif padding == "mask_by_pad_id":         # trap: masks the real EOS too when pad == EOS
-            text_labels = ids.masked_fill(ids == pad_id, IGNORE_INDEX)
-        else:
-            text_labels = ids.masked_fill(text_mask == 0, IGNORE_INDEX)
-        return ids, text_mask, text_labels
+        if self.config.padding != "right":
+            return trap_text_inputs(caps, self.config.padding, self.pad_id)
+        return text_inputs(caps, self.eos_id)
 
     def build_inputs(self, image_embeds: torch.Tensor, captions: list[str]):
         """inputs_embeds, attention_mask and labels for teacher-forced training (right-padded, unless
@@ -394,10 +307,11 @@ class SoftPromptCaptioner(nn.Module):
         """
         source = image_embeds if soft_prompts is None else soft_prompts
         if batch_size and source is not None and len(source) > batch_size:
-            return [c for i in range(0, len(source), batch_size) for c in self.generate(
-                None if image_embeds is None else image_embeds[i:i + batch_size], max_new_tokens, num_beams,
-                None if soft_prompts is None else soft_prompts[i:i + batch_size],
-                first_step_probs=first_step_probs, **kwargs)]
+            rows = torch.arange(len(source))
+            return in_batches(lambda i: self.generate(
+                None if image_embeds is None else image_embeds[i], max_new_tokens, num_beams,
+                None if soft_prompts is None else soft_prompts[i], first_step_probs=first_step_probs, **kwargs),
+                rows, batch_size=batch_size)
         embeds = self.prefix_embeds(image_embeds, soft_prompts)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         if first_step_probs is not None:
@@ -418,8 +332,6 @@ class SoftPromptCaptioner(nn.Module):
 
         The frozen LLM is not copied: ``from_pretrained`` takes it from the profile.
         """
-        from safetensors.torch import save_model
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = {"bridge": asdict(self.config), "connector": self.connector.to_config(),
@@ -431,8 +343,6 @@ class SoftPromptCaptioner(nn.Module):
     @classmethod
     def from_pretrained(cls, path, llm, freeze_llm: bool = True) -> "SoftPromptCaptioner":
         """The captioner saved at ``path``, on top of ``llm`` (``backbones.load_llm(profile)``), in eval mode."""
-        from safetensors.torch import load_model
-
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no saved captioner at {path} (config.json missing)")
@@ -466,131 +376,3 @@ class _FirstStepProbs:
             self.into.append(scores.float().softmax(-1))
             self.called = True
         return scores
-
-
-@torch.no_grad()
-def caption_loss(captioner: SoftPromptCaptioner, image_embeds: torch.Tensor, captions: list[list[str]] | list[str],
-                 batch_size: int = 64) -> float:
-    """Mean caption LM loss per labelled token (caption tokens and EOS) over every (image, caption) pair.
-
-    ``captions[i]`` is one caption or a list of captions of image ``i``. Images with several captions go in
-    batches of whole images (at most ``batch_size`` captions, unless one image has more), each image's prefix
-    read once (``grouped_loss``).
-    """
-    lists = [[caps] if isinstance(caps, str) else list(caps) for caps in captions]
-    if any(len(caps) > 1 for caps in lists):
-        batches, chunk, size = [], [], 0
-        for i, caps in enumerate(lists):
-            if chunk and size + len(caps) > batch_size:
-                batches.append(chunk)
-                chunk, size = [], 0
-            chunk.append(i)
-            size += len(caps)
-        batches = [(chunk, [lists[i] for i in chunk]) for chunk in batches + [chunk]]
-    else:
-        starts = range(0, len(lists), batch_size)
-        batches = [(list(range(s, min(s + batch_size, len(lists)))), [caps[0] for caps in lists[s:s + batch_size]])
-                   for s in starts]
-    total, tokens = 0.0, 0
-    for idx, text in batches:
-        n = sum(len(ids) for ids in captioner.caption_ids([c for i in idx for c in lists[i]]))   # labelled tokens
-        total += float(captioner(image_embeds[idx], text)) * n
-        tokens += n
-    return total / tokens
-
-
-@torch.no_grad()
-def evaluate_captions(captioner: SoftPromptCaptioner, references: list[list[str]],
-                      image_embeds: torch.Tensor | None = None, soft_prompts: torch.Tensor | None = None,
-                      max_new_tokens: int = 30, batch_size: int = GENERATION_BATCH) -> dict:
-    """Greedy captions for every image and how good and varied they are.
-
-    Give image features, or soft prompts (zeroed, swapped, ...); a single (1, Q, H) soft prompt stands
-    for every image. Returns a dict:
-    "captions" (list), "distinct", "empty", "P(EOS) first" (the mean probability
-    that the caption ends before it starts), "BLEU-4" and "CIDEr-D" (metrics.py).
-    """
-    from .metrics import caption_metrics, caption_stats
-
-    if soft_prompts is not None and len(soft_prompts) == 1 and len(references) > 1:
-        # one soft prompt for every image (e.g. all zeros): the LLM sees the same input, caption it once
-        one = evaluate_captions(captioner, references[:1], soft_prompts=soft_prompts, max_new_tokens=max_new_tokens)
-        captions = one["captions"] * len(references)
-        return {**one, "captions": captions, **caption_metrics(captions, references)}
-    first = []
-    captions = captioner.generate(image_embeds, max_new_tokens, soft_prompts=soft_prompts, batch_size=batch_size,
-                                  first_step_probs=first)
-    p_eos = torch.cat([probs[:, captioner.eos_id].cpu() for probs in first])
-    stats = caption_stats(captions)
-    return {"captions": captions, "distinct": stats["distinct"], "empty": stats["empty"],
-            "P(EOS) first": float(p_eos.mean()), **caption_metrics(captions, references)}
-
-
-def plot_caption_gallery(images, captions: dict[str, list[str]], ncols: int = 4, width: int = 36):
-    """Photos in a grid; under each, one line per entry of ``captions`` ({label: one caption per photo}),
-    e.g. {"with stage 1": [...], "reference": [...]}."""
-    import math
-    import textwrap
-
-    import matplotlib.pyplot as plt
-
-    nrows = math.ceil(len(images) / ncols)
-    lines = len(captions)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.9 * ncols, (4.1 + 1.05 * lines) * nrows), squeeze=False)
-    for ax in axes.flat[len(images):]:
-        ax.axis("off")
-    for k, (ax, image) in enumerate(zip(axes.flat, images)):
-        ax.imshow(image)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        text = "\n".join(textwrap.fill(f"{label}: {caps[k] or '(empty)'}", width) for label, caps in captions.items())
-        ax.set_xlabel(text, loc="left", fontsize=11.5, linespacing=1.15)
-    fig.tight_layout()
-    return fig
-
-
-def plot_input_layout(captioner: SoftPromptCaptioner, image_embeds: torch.Tensor, captions: list[str], ax=None,
-                      max_prompt_cells: int = 12):
-    """What the LLM reads in training, from ``build_inputs`` itself: one strip per caption, one cell per position,
-    coloured by kind, with the input token above and the label below (``·`` = -100, ignored by the loss).
-
-    The Q soft prompts are drawn as one wide cell, and a long prompt by its last ``max_prompt_cells`` tokens.
-    """
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch, Rectangle
-
-    _, attention_mask, labels = captioner.build_inputs(image_embeds, captions)
-    q, p = captioner.num_soft_tokens, len(captioner.prompt_ids)
-    colors = {"soft prompt": "#9ecae1", "prompt": "#fdd0a2", "caption": "#a1d99b", "EOS": "#e6550d", "padding": "#d9d9d9"}
-    shown_prompt = list(range(max(0, p - max_prompt_cells), p))
-    width = 3 + (1 if shown_prompt[0] > 0 else 0) + len(shown_prompt) + labels.shape[1] - q - p
-    ax = ax or plt.subplots(figsize=(max(10, 0.62 * width), 1.5 * len(captions) + 0.8))[1]
-
-    def token(i: int) -> str:
-        text = captioner.tokenizer.decode([i])
-        return repr(text)[1:-1] if text.strip() != text or not text else text
-
-    for r in range(len(captions)):
-        y = len(captions) - 1 - r
-        cells = [(3, "soft prompt", f"{q} soft prompts", "·" * 3)]
-        if shown_prompt[0] > 0:
-            cells.append((1, "prompt", "…", "·"))
-        cells += [(1, "prompt", token(int(captioner.prompt_ids[j])), "·") for j in shown_prompt]
-        for pos in range(q + p, labels.shape[1]):
-            label, real = int(labels[r, pos]), bool(attention_mask[r, pos])
-            kind = "padding" if not real else "EOS" if label == captioner.eos_id else "caption"
-            cells.append((1, kind, "EOS" if kind != "caption" else token(label),
-                          "·" if label == IGNORE_INDEX else "EOS" if kind == "EOS" else str(label)))
-        x = 0
-        for w, kind, above, below in cells:
-            ax.add_patch(Rectangle((x, y), w - 0.06, 0.55, color=colors[kind]))
-            ax.text(x + (w - 0.06) / 2, y + 0.28, above, ha="center", va="center", fontsize=9, rotation=0 if w > 1 else 60)
-            ax.text(x + (w - 0.06) / 2, y - 0.12, below, ha="center", va="center", fontsize=8,
-                    color="black" if below != "·" else "gray")
-            x += w
-    ax.set(xlim=(-0.2, width + 0.2), ylim=(-0.5, len(captions)), xticks=[], yticks=[])
-    for side in ax.spines.values():
-        side.set_visible(False)
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], ncol=5, loc="upper center",
-              bbox_to_anchor=(0.5, 1.0 + 0.35 / len(captions)), frameon=False)
-    return ax
