@@ -344,6 +344,7 @@ class ShapesDataset(Flickr8k):
         self.captions = [e["captions"] for e in entries]
         self.objects = [e["objects"] for e in entries]
         self.qa = [e["qa"] for e in entries]
+        self._objects_by_id = dict(zip(self.image_ids, self.objects))
         self.transform = transform or _default_transform()
         self.skipped: list[str] = []
 
@@ -353,8 +354,6 @@ class ShapesDataset(Flickr8k):
     def fits(self, image_id: str, caption: str) -> bool:
         """Whether ``caption`` describes photo ``image_id``: templates repeat, so another photo's caption can
         (``train.caption_batches`` counts such pairs as matches in stage 1)."""
-        if not hasattr(self, "_objects_by_id"):
-            self._objects_by_id = dict(zip(self.image_ids, self.objects))
         return describes(caption, self._objects_by_id[image_id])
 
 
