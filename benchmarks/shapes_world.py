@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm, load_vision_encoder
 from vlmcourse.losses import itc_similarity
-from vlmcourse.recipes import CHAT_PROMPT, Stage1Recipe, Stage2Recipe, load_or_train_stage1, split_features, train_stage2
+from vlmcourse.recipes import CHAT_PROMPT, SHAPES_STAGE1, Stage1Recipe, Stage2Recipe, load_or_train_stage1, split_features, train_stage2
 from vlmcourse.shapes import (attention_on_objects, caption_accuracy, caption_endings, itm_win_rates,
                               scene_recall_at_1)
 from vlmcourse.stage1 import Stage1Config, itc_features
@@ -76,6 +77,14 @@ def main() -> None:
     parser.add_argument("--stage2-steps", type=int, default=60)
     parser.add_argument("--stage2-lr", type=float, default=3e-4)
     parser.add_argument("--stage2-batch", type=int, default=8)
+    parser.add_argument("--stage2-adapter-lr-scale", type=float, default=1.0,
+                        help="lr multiple of the connector's image adapter in stage 2")
+    parser.add_argument("--stage2-proj-lr-scale", type=float, default=10.0)
+    parser.add_argument("--max-new", type=int, default=40, help="tokens generated per caption at evaluation")
+    parser.add_argument("--image-positions", default="zeros", choices=["zeros", "sincos"],
+                        help="the image adapter's position embedding at the start (stage 1 and a fresh stage 2)")
+    parser.add_argument("--shapes-stage1", action="store_true",
+                        help="stage 1 is recipes.SHAPES_STAGE1 (the notebooks'), not the flags above")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
                         help="also train stage 2 from a fresh Q-Former")
@@ -94,7 +103,12 @@ def main() -> None:
                                         {f"qformer.layers.{i}.cross_attn.": args.cross_lr_scale for i in (0, 2, 4)})},
                           model=Stage1Config(num_query_tokens=args.queries, itm_batch_size=args.itm_batch,
                                              itm_random_negatives=args.itm_random,
-                                             cross_attention_logit_std=args.logit_std))
+                                             cross_attention_logit_std=args.logit_std,
+                                             image_positions=args.image_positions))
+
+    if args.shapes_stage1:
+        stage1 = replace(SHAPES_STAGE1, seed=args.seed,
+                         model=replace(SHAPES_STAGE1.model, image_positions=args.image_positions))
 
     if "stage1" in args.parts:
         began = time.perf_counter()
@@ -109,7 +123,7 @@ def main() -> None:
     if "stage2" in args.parts:
         llm = load_llm(profile)
         dev_feats, dev = data["dev"]
-        max_new = 40
+        max_new = args.max_new
 
         def dev_accuracy(m):
             return {"dev_attributes": caption_accuracy(m.generate(dev_feats.features, max_new_tokens=max_new),
@@ -120,7 +134,10 @@ def main() -> None:
                 continue
             recipe = Stage2Recipe(steps=args.stage2_steps, lr=args.stage2_lr, batch_size=args.stage2_batch,
                                   warmup_steps=5, prompt=CHAT_PROMPT, max_caption_tokens=32, seed=args.seed,
-                                  stage1=source, num_query_tokens=args.queries, eval_every=args.eval_every)
+                                  stage1=source, num_query_tokens=args.queries, eval_every=args.eval_every,
+                                  proj_lr_scale=args.stage2_proj_lr_scale, image_positions=args.image_positions,
+                                  lr_scales={} if args.stage2_adapter_lr_scale == 1 else
+                                  {"connector.image_norm.": args.stage2_adapter_lr_scale})
             began = time.perf_counter()
             model, result = train_stage2(profile, recipe, llm=llm, metrics=dev_accuracy)
             trained = time.perf_counter() - began

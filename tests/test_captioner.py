@@ -340,3 +340,21 @@ def test_importing_the_package_does_not_load_the_captioner():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "vlmcourse.lora"
+
+
+def test_ablation_chart_keeps_the_human_baseline_off_the_scale():
+    """Notebook 06's chart: a baseline far above every model is named in a note, not drawn as the axis."""
+    import matplotlib.pyplot as plt
+
+    from vlmcourse.plots import plot_caption_ablation
+
+    rows = [{"connector": c, "LoRA": lora, "CIDEr-D": v, "CIDEr-D, blank photo": v / 2}
+            for c, v0 in (("Q-Former", 0.1), ("mean-pool", 0.07)) for lora, v in (("no", v0 / 20), ("yes", v0))]
+    baselines = {"human": {"CIDEr-D": 0.68}, "nearest neighbour": {"CIDEr-D": 0.25}, "constant": {"CIDEr-D": 0.11}}
+    ax = plot_caption_ablation(rows, baselines)
+    top = ax.get_ylim()[1]
+    assert 0.25 < top < 0.68
+    texts = [t.get_text() for t in ax.texts]
+    assert any("human: 0.680" in t and "above the scale" in t for t in texts), texts
+    assert any(t.startswith("nearest neighbour") for t in texts) and len(ax.lines) == 2   # two reference lines
+    plt.close(ax.figure)

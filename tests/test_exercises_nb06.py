@@ -57,3 +57,67 @@ def test_lora_scale_matches_peft(capsys):
     assert out(capsys).startswith("✓")
     nb06.check_lora_scale(2.0)
     assert "divided" in out(capsys)
+
+
+def make_lora_linear(scale="alpha/r", zero_b=True, freeze=True, add_base=True, bias=False, transpose=False):
+    """A learner's MyLoRALinear with switchable mistakes; all defaults = right."""
+    class MyLoRALinear(torch.nn.Module):
+        def __init__(self, base, r, alpha):
+            super().__init__()
+            self.base = base.requires_grad_(not freeze)
+            d_in, d_out = base.in_features, base.out_features
+            self.lora_A = torch.nn.Linear(d_in, r, bias=bias) if not transpose else torch.nn.Linear(r, d_in, bias=False)
+            self.lora_B = torch.nn.Linear(r, d_out, bias=bias)
+            if zero_b:
+                torch.nn.init.zeros_(self.lora_B.weight)
+            self.scale = {"alpha/r": alpha / r, "r/alpha": r / alpha, "none": 1.0}[scale]
+
+        def forward(self, x):
+            update = self.scale * self.lora_B(self.lora_A(x))
+            return self.base(x) + update if add_base else update
+    return MyLoRALinear
+
+
+def test_lora_linear_check_against_peft(capsys):
+    nb06.check_lora_linear(make_lora_linear())
+    assert out(capsys).startswith("✓")
+    cases = [(make_lora_linear(scale="none"), "not scaled"), (make_lora_linear(scale="r/alpha"), "not r / alpha"),
+             (make_lora_linear(zero_b=False), "B starts at zero"), (make_lora_linear(freeze=False), "freeze"),
+             (make_lora_linear(add_base=False), "output is missing"), (make_lora_linear(bias=True), "no bias"),
+             (make_lora_linear(transpose=True), "should be (4, 12)")]
+    for cls, phrase in cases:
+        nb06.check_lora_linear(cls)
+        text = out(capsys)
+        assert text.startswith("✗") and phrase in text, (phrase, text)
+    nb06.check_lora_linear(None)
+    assert out(capsys).startswith("✎")
+
+    class Unfinished(torch.nn.Module):
+        def __init__(self, base, r, alpha):
+            super().__init__()
+            self.base, self.lora_A, self.lora_B = base.requires_grad_(False), torch.nn.Linear(12, r, bias=False), \
+                torch.nn.Linear(r, 6, bias=False)
+
+        def forward(self, x):
+            return None
+    nb06.check_lora_linear(Unfinished)
+    assert "returns None" in out(capsys)
+
+    class Broken(torch.nn.Module):
+        def __init__(self, base, r, alpha):
+            raise NotImplementedError("todo")
+    nb06.check_lora_linear(Broken)
+    assert "NotImplementedError" in out(capsys)
+
+
+def test_lora_linear_not_started(capsys):
+    """The notebook's starting cell: a class with no lora_A / lora_B yet says how to begin."""
+    class MyLoRALinear(torch.nn.Module):
+        def __init__(self, base, r, alpha):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return None
+    nb06.check_lora_linear(MyLoRALinear)
+    assert out(capsys).startswith("✎")

@@ -113,3 +113,27 @@ def test_most_diverse_layer_check(capsys):
     assert "[0, 2, 4]" in out(capsys)
     check_most_diverse_layer("two", maps, numbers)
     assert "layer number" in out(capsys)
+
+
+def test_entropy_check(capsys):
+    from vlmcourse.exercises.nb07 import check_entropy
+
+    check_entropy(None)
+    assert "Not attempted" in out(capsys)
+    check_entropy(lambda m: -torch.special.xlogy(m, m).sum((-2, -1)))
+    assert out(capsys).startswith("✓")
+
+    def masked(m):
+        p = m.flatten(-2)
+        return -(torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros(())).sum(-1))
+    check_entropy(masked)
+    assert out(capsys).startswith("✓")
+    for wrong, phrase in ((lambda m: -(m * m.log()).sum((-2, -1)), "NaN"),
+                          (lambda m: -torch.special.xlogy(m, m).sum((-2, -1)) / math.log(2), "bits"),
+                          (lambda m: torch.special.xlogy(m, m).sum((-2, -1)), "sign"),
+                          (lambda m: -torch.special.xlogy(m, m).sum(-1), "both grid dimensions"),
+                          (lambda m: -torch.special.xlogy(m, m).sum(), "one entropy per map"),
+                          (lambda m: None, "returns None")):
+        check_entropy(wrong)
+        text = out(capsys)
+        assert phrase in text, (phrase, text)

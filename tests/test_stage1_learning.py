@@ -20,7 +20,7 @@ from vlmcourse.train import make_optimizer
 from vlmcourse.viz import attention_entropy, cross_attention_maps
 
 NEW_OPTIONS = {"new_lr_scale": 10.0, "lr_scales": {"image_adapter.": 10.0}}
-NEW_MODEL_OPTIONS = {"itm_random_negatives": 0.5, "cross_attention_logit_std": 2.0}
+NEW_MODEL_OPTIONS = {"itm_random_negatives": 0.5, "cross_attention_logit_std": 2.0, "image_positions": "sincos"}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,24 @@ def test_each_new_option_changes_the_key():
     assert len(keys) == 1 + len(NEW_OPTIONS) + len(NEW_MODEL_OPTIONS)
     changed = replace(Stage2Recipe(), stage1=replace(base, new_lr_scale=10.0))
     assert changed.key() != Stage2Recipe().key()
+
+
+def test_sincos_positions_tell_every_cell_apart_and_start_the_adapter_there(text):
+    from vlmcourse.adapter import ImageAdapter, sincos_2d
+    codes = sincos_2d(49, 32)
+    assert codes.shape == (49, 32) and codes.abs().max() <= 1
+    # the first frequency is 1 rad per cell: row and column codes differ for every pair of distinct cells
+    assert torch.cdist(codes, codes).add(torch.eye(49) * 9).min() > 0.1
+    assert torch.allclose(codes[:, 0], torch.arange(7).repeat_interleave(7).float().sin())   # rows first
+    assert torch.allclose(codes[:, 16], torch.arange(7).repeat(7).float().sin())             # then columns
+    model = tiny_model(text, image_positions="sincos")
+    assert torch.equal(model.image_adapter.position[0], sincos_2d(9, 24))
+    assert tiny_model(text).image_adapter.position.abs().max() == 0
+    for bad in ((48, 32), (49, 30)):
+        with pytest.raises(ValueError, match="square grid"):
+            sincos_2d(*bad)
+    with pytest.raises(ValueError, match="unknown position_init"):
+        ImageAdapter(9, 24, position_init="learned")
 
 
 # ----------------------------------------------------------------------------- (a) new parameters learn faster

@@ -77,6 +77,27 @@ def test_query_input_similarity():
     torch.testing.assert_close(maps[:, :, :, 1:], maps[:, :, :, :1].expand_as(maps[:, :, :, 1:]))  # and attend alike
 
 
+def test_distinct_queries_and_collapse_table():
+    """Query collapse measured: 3 groups of near-identical vectors count as 3; equal queries stay one vector."""
+    base = torch.randn(3, 8)
+    vectors = torch.stack([base[[0, 0, 1, 2, 2, 2]] + 1e-4 * torch.randn(6, 8), torch.randn(6, 8)])  # (2 photos, Q, H)
+    assert viz.distinct_queries(vectors).tolist() == [3, 6]
+    assert viz.distinct_queries(vectors, threshold=-1.01).tolist() == [1, 1]
+    torch.testing.assert_close(viz.mean_query_cosine(vectors[:, [0, 1]]), torch.tensor([1.0, float(
+        torch.nn.functional.cosine_similarity(vectors[1, 0], vectors[1, 1], dim=0))]), atol=1e-4, rtol=0)
+    qformer = tiny_qformer()
+    image = torch.randn(2, N, D)
+    table = viz.query_collapse(qformer, image)
+    layers = [i for i, layer in enumerate(qformer.layers) if layer.cross_attn is not None]
+    assert list(table.index) == [f"entering layer {i}" for i in layers] + ["output"]
+    torch.testing.assert_close(torch.tensor(table["mean cosine of two queries"].values[:-1], dtype=torch.float32),
+                               viz.query_input_similarity(qformer, image))
+    with torch.no_grad():
+        qformer.query_tokens.copy_(qformer.query_tokens[:, :1].expand_as(qformer.query_tokens))  # all queries equal
+    collapsed = viz.query_collapse(qformer, image)
+    assert (collapsed["distinct queries (cosine < 0.99)"] == 1).all() and (collapsed["distinct queries (cosine < 0.9)"] == 1).all()
+
+
 def test_rigged_heads_are_localised_on_their_patch():
     """Rig layer 0: every query's query vector is all ones, and head m's key reads only image feature m.
     Patch targets[m] is the only one with feature m, so head m must put (nearly) all its attention there."""

@@ -2,12 +2,16 @@
 
 - ``QFormerConnector``: the Q-Former's query outputs (BLIP-2), through the image adapter;
 - ``MeanPoolConnector``, ``PatchConnector``: the baselines of notebook 06 (pooled cells; every patch, as LLaVA);
-- ``PrecomputedConnector``: stands in for a frozen connector whose outputs were computed once.
+- ``PrecomputedConnector``: stands in for a frozen connector whose outputs were computed once;
+- beyond BLIP-2 (notebook 08), each in its own file: ``flamingo.PerceiverResampler``, ``llava.PatchMLPConnector``,
+  ``instructblip.InstructQFormerConnector`` (``connector_from_config`` builds them by type, see ``ELSEWHERE``).
 
 Each has ``num_tokens`` and ``to_config()``; ``connector_from_config`` rebuilds one (with fresh weights) from it,
 as ``SoftPromptCaptioner.from_pretrained`` does (stage2.py).
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import nn
@@ -98,6 +102,11 @@ class QFormerConnector(nn.Module):
         return {"type": "qformer", "qformer": self.qformer.config.to_dict(), "image_norm": norm_config}
 
 
+# type -> (module, class) of the connectors beyond BLIP-2 (notebook 08); each class has ``from_config``
+ELSEWHERE = {"resampler": ("flamingo", "PerceiverResampler"), "patch_mlp": ("llava", "PatchMLPConnector"),
+             "instruct_qformer": ("instructblip", "InstructQFormerConnector")}
+
+
 def connector_from_config(config: dict) -> nn.Module:
     """A connector with fresh weights, built from ``connector.to_config()`` (``from_pretrained`` loads them)."""
     kind = config.get("type")
@@ -116,4 +125,8 @@ def connector_from_config(config: dict) -> nn.Module:
         elif norm_config:
             raise ValueError(f"unknown image_norm type {norm_config['type']!r}")
         return QFormerConnector(QFormer(QFormerConfig(**config["qformer"])), norm)
-    raise ValueError(f"unknown connector type {kind!r}: expected qformer, meanpool, patch or precomputed")
+    if kind in ELSEWHERE:     # notebook 08's connectors live in their own files, which import this one
+        module, name = ELSEWHERE[kind]
+        return getattr(importlib.import_module(f".{module}", __package__), name).from_config(config)
+    raise ValueError(f"unknown connector type {kind!r}: expected qformer, meanpool, patch, precomputed "
+                     f"or {', '.join(ELSEWHERE)}")

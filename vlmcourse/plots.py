@@ -398,6 +398,45 @@ def plot_caption_gallery(images, captions: dict[str, list[str]], ncols: int = 4,
     return fig
 
 
+def plot_caption_ablation(rows: Sequence[dict], baselines: dict[str, dict], metric: str = "CIDEr-D", ax=None,
+                          title: str = "", max_ratio: float = 4.0):
+    """Grouped bars of a captioning ablation: one group per connector, a bar without LoRA and one with it, a black
+    tick for the same model shown a blank photo; the baselines (``{name: {metric: value}}``) as reference lines.
+
+    ``rows``: dicts with "connector", "LoRA" ("yes" / "no"), ``metric`` and f"{metric}, blank photo". A baseline
+    more than ``max_ratio`` times the best model (a human caption) would squash the bars, so it is named in a note
+    at the top of the axis, with its value, instead of setting the scale."""
+    ax = ax or plt.subplots(figsize=(12, 5))[1]
+    connectors = list(dict.fromkeys(r["connector"] for r in rows))
+    width, colors = 0.38, {"no": "tab:gray", "yes": "tab:blue"}
+    for k, lora in enumerate(("no", "yes")):
+        x = [i + (k - 0.5) * width for i, c in enumerate(connectors)]
+        found = [next((r for r in rows if r["connector"] == c and r["LoRA"] == lora), None) for c in connectors]
+        ax.bar([xi for xi, r in zip(x, found) if r], [r[metric] for r in found if r], width * 0.92,
+               color=colors[lora], label="+ LoRA" if lora == "yes" else "frozen LLM")
+        ax.scatter([xi for xi, r in zip(x, found) if r], [r[f"{metric}, blank photo"] for r in found if r],
+                   marker="_", s=900, linewidths=2.5, color="black", zorder=3,
+                   label="same model, blank photo" if k else None)
+    best = max(max(r[metric], r[f"{metric}, blank photo"]) for r in rows)
+    shown = {name: v[metric] for name, v in baselines.items() if v[metric] <= max_ratio * best}
+    off_scale = {name: v[metric] for name, v in baselines.items() if name not in shown}
+    top = 1.15 * max([best, *shown.values()])
+    for (name, value), style in zip(shown.items(), ("--", ":", "-.")):
+        ax.axhline(value, color="tab:orange", ls=style, lw=1.6)
+        ax.text(len(connectors) - 0.5, value, f"{textwrap.shorten(name, 48, placeholder='…')}: {value:.3f}",
+                ha="right", va="bottom", fontsize=11, color="tab:orange")
+    if off_scale:
+        note = "; ".join(f"{name}: {value:.3f}" for name, value in off_scale.items())
+        ax.text(0.01, 0.98, f"above the scale ↑ {note}", transform=ax.transAxes, ha="left", va="top", fontsize=11,
+                color="tab:orange")
+        top *= 1.12                                  # room for the note
+    ax.set_xticks(range(len(connectors)), connectors)
+    ax.set(ylim=(0, top), xlim=(-0.6, len(connectors) - 0.4), ylabel=metric, title=title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return ax
+
+
 def plot_input_layout(captioner: SoftPromptCaptioner, image_embeds: torch.Tensor, captions: list[str], ax=None,
                       max_prompt_cells: int = 12):
     """What the LLM reads in training, from ``build_inputs`` itself: one strip per caption, one cell per position,

@@ -184,6 +184,10 @@ class Stage2Recipe(Recipe):
     proj_lr_scale: float = 10.0     # the new projection's learning rate, as a multiple of lr (see the docstring)
     # k > 1: batch_size // k photos, k captions each, each photo's prefix read once by the LLM (bridge.grouped_loss)
     captions_per_image: int = field(default=1, metadata={"key": "if_changed"})
+    # parameter-name prefix -> lr multiple, besides the projection's (e.g. {"connector.image_norm.": 10}: a fresh
+    # Q-Former's adapter, whose position embedding starts at zero; see Stage1Recipe.lr_scales)
+    lr_scales: dict = field(default_factory=dict, metadata={"key": "if_changed"})
+    image_positions: str = field(default="zeros", metadata={"key": "if_changed"})   # a fresh Q-Former's adapter
 
 
 def bridge_config(recipe: Stage2Recipe):
@@ -204,7 +208,8 @@ def stage2_connector(profile: Profile, recipe: Stage2Recipe, vision=None):
         seed_everything(recipe.seed)
         stage1 = Stage1Model.from_text_encoder(load_text_encoder(profile), vision.hidden_size, vision.num_patches,
                                                Stage1Config(num_query_tokens=recipe.num_query_tokens,
-                                                            dropout=recipe.qformer_dropout))
+                                                            dropout=recipe.qformer_dropout,
+                                                            image_positions=recipe.image_positions))
     connector = QFormerConnector(stage1.qformer, stage1.image_adapter).to(profile.device)
     for p in connector.parameters():
         p.requires_grad_(not recipe.freeze_qformer)
@@ -263,7 +268,8 @@ def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split:
                               recipe.captions_per_image)
     config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
                          eval_every=recipe.eval_every, desc=desc,
-                         lr_scales={"proj.": recipe.proj_lr_scale} if recipe.proj_lr_scale != 1 else {})
+                         lr_scales={**({"proj.": recipe.proj_lr_scale} if recipe.proj_lr_scale != 1 else {}),
+                                    **recipe.lr_scales})
     with swap:
         return train(captioner, batches, lambda m, b: {"loss": m(b["image_embeds"], b["captions"])}, config,
                      eval_fn=eval_fn)

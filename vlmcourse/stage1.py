@@ -49,6 +49,8 @@ class Stage1Config:
     # None keeps BERT's N(0, 0.02): with 384-d queries and 1280-d patches that is ~0.3, a softmax over 49 patches
     # that starts flat (entropy ~ ln 49) and whose gradient is small.
     cross_attention_logit_std: float | None = field(default=None, metadata={"key": "if_changed"})
+    # The image adapter's position embedding at the start: "zeros" or 2-D "sincos" codes (adapter.ImageAdapter).
+    image_positions: str = field(default="zeros", metadata={"key": "if_changed"})
 
 
 class Stage1Model(nn.Module):
@@ -57,7 +59,8 @@ class Stage1Model(nn.Module):
         self.config = config or Stage1Config()
         self.qformer, self.tokenizer = qformer, tokenizer
         hidden = qformer.config.hidden_size
-        self.image_adapter = ImageAdapter(num_image_tokens, qformer.config.encoder_hidden_size)
+        self.image_adapter = ImageAdapter(num_image_tokens, qformer.config.encoder_hidden_size,
+                                          self.config.image_positions)
         self.vision_proj = nn.Linear(hidden, self.config.embed_dim)
         self.text_proj = nn.Linear(hidden, self.config.embed_dim)
         self.itm_head = nn.Linear(hidden, 2)

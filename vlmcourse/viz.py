@@ -35,6 +35,10 @@ from .utils import eval_mode, in_jupyter_kernel
 __all__ = [
     "cross_attention_maps",
     "query_input_similarity",
+    "query_vectors",
+    "mean_query_cosine",
+    "distinct_queries",
+    "query_collapse",
     "upsample_map",
     "overlay",
     "query_grid",
@@ -83,6 +87,62 @@ def cross_attention_maps(qformer, image_embeds: torch.Tensor, grid_size: tuple[i
 
 
 @torch.no_grad()
+def query_vectors(qformer, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The Q query vectors of every photo as they *enter* each cross-attention layer, and as they leave the
+    Q-Former (what ITC and stage 2 read): {"entering layer 0": (B, Q, H), ..., "output": (B, Q, H)}, float32."""
+    entering = []
+    hooks = [(i, layer.cross_attn.register_forward_pre_hook(lambda module, args: entering.append(args[0].float())))
+             for i, layer in enumerate(qformer.layers) if layer.cross_attn is not None]
+    try:
+        with eval_mode(qformer):
+            out = qformer(image_embeds=image_embeds)
+    finally:
+        for _, hook in hooks:
+            hook.remove()
+    vectors = {f"entering layer {i}": x for (i, _), x in zip(hooks, entering)}
+    return {**vectors, "output": out.query_output.float()}
+
+
+def mean_query_cosine(vectors: torch.Tensor) -> torch.Tensor:
+    """(B, Q, H) -> (B,): the mean cosine similarity of two different queries of the same photo."""
+    unit = F.normalize(vectors.float(), dim=-1)
+    Q = unit.shape[1]
+    off_diagonal = ~torch.eye(Q, dtype=torch.bool, device=unit.device)
+    return (unit @ unit.transpose(1, 2))[:, off_diagonal].reshape(len(unit), -1).mean(-1)
+
+
+def distinct_queries(vectors: torch.Tensor, threshold: float = 0.99) -> torch.Tensor:
+    """(B, Q, H) -> (B,): how many *different* vectors the Q queries of each photo are, counting queries at cosine
+    >= ``threshold`` as one. Greedy: the first query left opens a group, every query that close to it joins.
+    Q: as many questions as queries; 1: query collapse, all of them one vector."""
+    unit = F.normalize(vectors.float().cpu(), dim=-1)
+    counts = []
+    for cosine in unit @ unit.transpose(1, 2):          # (Q, Q) per photo
+        left, groups = torch.ones(len(cosine), dtype=torch.bool), 0
+        while left.any():
+            first = int(left.nonzero()[0])
+            left &= cosine[first] < threshold
+            groups += 1
+        counts.append(groups)
+    return torch.tensor(counts)
+
+
+def query_collapse(qformer, image_embeds: torch.Tensor, thresholds: tuple[float, ...] = (0.9, 0.99)):
+    """How far the queries have collapsed into one vector, stage by stage: a pandas DataFrame with one row per
+    cross-attention layer (the queries entering it) and one for the Q-Former's output, giving the mean cosine of
+    two queries of a photo and, for each threshold, the number of distinct queries (``distinct_queries``, mean over
+    the photos). A loose threshold shows a partial collapse (a few groups), a strict one a complete one."""
+    import pandas as pd
+
+    rows = []
+    for stage, vectors in query_vectors(qformer, image_embeds).items():
+        row = {"queries": stage, "mean cosine of two queries": mean_query_cosine(vectors).mean().item()}
+        for t in thresholds:
+            row[f"distinct queries (cosine < {t})"] = distinct_queries(vectors, t).float().mean().item()
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("queries")
+
+
 def query_input_similarity(qformer, image_embeds: torch.Tensor) -> torch.Tensor:
     """How alike the Q query vectors are as they *enter* each cross-attention layer: (layers,).
 
@@ -90,22 +150,8 @@ def query_input_similarity(qformer, image_embeds: torch.Tensor) -> torch.Tensor:
     batch). Near 1, the queries have become (almost) one vector, so they can only
     attend alike, whatever their maps looked like at the start.
     """
-    entering = []
-    hooks = [layer.cross_attn.register_forward_pre_hook(lambda module, args: entering.append(args[0].float()))
-             for layer in qformer.layers if layer.cross_attn is not None]
-    try:
-        with eval_mode(qformer):
-            qformer(image_embeds=image_embeds)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    Q = entering[0].shape[1]
-    off_diagonal = ~torch.eye(Q, dtype=torch.bool, device=entering[0].device)
-    cosines = []
-    for x in entering:  # (B, Q, H)
-        unit = F.normalize(x, dim=-1)
-        cosines.append((unit @ unit.transpose(1, 2))[:, off_diagonal].mean())
-    return torch.stack(cosines).cpu()
+    vectors = query_vectors(qformer, image_embeds)
+    return torch.stack([mean_query_cosine(v).mean() for stage, v in vectors.items() if stage != "output"]).cpu()
 
 
 def hf_cross_attention_maps(cross_attentions, grid_size: tuple[int, int], num_prefix_tokens: int = 1):

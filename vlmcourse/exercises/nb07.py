@@ -10,9 +10,9 @@ import math
 import torch
 
 from vlmcourse.viz import attention_centroid, attention_entropy, query_similarity
-from vlmcourse.exercises import _not_attempted, _as_float
+from vlmcourse.exercises import _not_attempted, _as_float, _run_learner
 
-__all__ = ["TWO_HEADS", "two_heads_average_entropy", "check_head_average_entropy", "check_centroid",
+__all__ = ["TWO_HEADS", "two_heads_average_entropy", "check_entropy", "check_head_average_entropy", "check_centroid",
            "check_map_reading", "query_alikeness", "check_most_diverse_layer"]
 
 
@@ -26,6 +26,51 @@ def _two_heads() -> torch.Tensor:
 
 
 TWO_HEADS = _two_heads()
+
+
+def check_entropy(fn) -> None:
+    """Exercise 1 (code): the learner's my_entropy(maps), (..., h, w) -> (...), against viz.attention_entropy."""
+    how = ("Fill in my_entropy(maps): maps has shape (..., h, w), each (h, w) map sums to 1. Return a tensor of "
+           "shape (...): H = -Σ p·ln p over the h·w patches of each map, counting 0·ln 0 as 0 "
+           "(torch.special.xlogy(p, p) does, or keep only p > 0).")
+    g = torch.Generator().manual_seed(0)
+    random_maps = torch.rand(3, 4, 7, 7, generator=g) ** 4
+    random_maps = random_maps / random_maps.sum((-2, -1), keepdim=True)
+    cases = [("a uniform 7 x 7 map", torch.full((7, 7), 1 / 49)), ("the two heads of TWO_HEADS", TWO_HEADS.clone()),
+             ("a (3, 4, 7, 7) batch of random maps", random_maps)]
+    for name, maps in cases:
+        got = _run_learner(fn, "my_entropy", how, maps.clone())
+        if got is None:
+            return
+        expected = attention_entropy(maps)
+        try:
+            got = torch.as_tensor(got, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            print(f"✗ Return a tensor; got {type(got).__name__}.")
+            return
+        if got.shape != expected.shape:
+            hint = ("sum over both grid dimensions, (-2, -1), not only the last one." if got.shape == maps.shape[:-1]
+                    else "one entropy per map: sum over the last two dimensions and keep the others.")
+            print(f"✗ On {name} (shape {tuple(maps.shape)}) expected shape {tuple(expected.shape)}, got "
+                  f"{tuple(got.shape)}. Hint: {hint}")
+            return
+        if torch.isnan(got).any():
+            print(f"✗ On {name} you return NaN. Hint: patches with p = 0 give 0·ln 0 = 0·(-inf) = NaN in floating "
+                  f"point; count them as 0 (torch.special.xlogy(p, p), or sum only over p > 0).")
+            return
+        if torch.allclose(got, expected, atol=1e-4):
+            continue
+        if torch.allclose(got, expected / math.log(2), atol=1e-4):
+            hint = "that is in bits (log base 2); use the natural log, torch.log."
+        elif torch.allclose(got, -expected, atol=1e-4):
+            hint = "the sign is flipped: H = MINUS Σ p·ln p (ln p ≤ 0, so H ≥ 0)."
+        else:
+            hint = how
+        print(f"✗ On {name} expected {[round(v, 3) for v in expected.flatten()[:4].tolist()]}, got "
+              f"{[round(v, 3) for v in got.flatten()[:4].tolist()]}. Hint: {hint}")
+        return
+    print(f"✓ my_entropy matches vlmcourse.viz.attention_entropy: 0 nats for a one-patch map, ln 49 = "
+          f"{math.log(49):.3f} for a uniform one. Now use it on TWO_HEADS.mean(0) below.")
 
 
 def two_heads_average_entropy() -> float:
@@ -151,7 +196,7 @@ def check_map_reading(answer) -> None:
         print("✗ That is a claim about cause and effect; a map only shows weights. Hint: other queries, heads and "
               "layers also read the image, and a high weight on a patch with a small value vector changes little.")
     else:
-        print("✗ The map is an average over heads. Hint: look at the per-head panels in section 4: heads of the "
+        print("✗ The map is an average over heads. Hint: look at the per-head panels in section 5: heads of the "
               "same layer often look at different places, and one sharp head can dominate the mean.")
 
 
@@ -173,7 +218,7 @@ def check_most_diverse_layer(answer, maps: torch.Tensor, layer_numbers) -> None:
     layer_numbers = [int(n) for n in layer_numbers]
     if answer is None:
         _not_attempted(
-            "Look at the query-similarity matrices of section 5 (or compute "
+            "Look at the query-similarity matrices of section 6 (or compute "
             "query_similarity(maps[l].mean(1)) for each layer l): in which layer are the off-diagonal entries "
             f"lowest? Answer with the layer number from the titles, one of {layer_numbers}."
         )
