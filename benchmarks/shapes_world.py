@@ -30,8 +30,7 @@ from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm, load_vision_encoder
 from vlmcourse.losses import itc_similarity
 from vlmcourse.recipes import CHAT_PROMPT, SHAPES_STAGE1, Stage1Recipe, Stage2Recipe, load_or_train_stage1, split_features, train_stage2
-from vlmcourse.shapes import (attention_on_objects, caption_accuracy, caption_endings, itm_win_rates,
-                              scene_recall_at_1)
+from vlmcourse.shapes import attention_on_objects, captioner_scores, itm_win_rates, scene_recall_at_1
 from vlmcourse.stage1 import Stage1Config, itc_features
 from vlmcourse.utils import peak_memory_mb
 from vlmcourse.viz import cross_attention_maps
@@ -126,8 +125,8 @@ def main() -> None:
         max_new = args.max_new
 
         def dev_accuracy(m):
-            return {"dev_attributes": caption_accuracy(m.generate(dev_feats.features, max_new_tokens=max_new),
-                                                       dev.objects)["all"]}
+            scores = captioner_scores(m, dev_feats.features, dev.objects, max_new)
+            return {"dev_attributes": scores["all"], **{f"dev_{k}": scores[k] for k in ("colour", "shape", "position")}}
 
         for name, source in (("from stage 1", stage1), ("fresh Q-Former", None)):
             if source is None and not args.fresh:
@@ -144,12 +143,13 @@ def main() -> None:
             curve = {e["step"] + 1: round(e["dev_attributes"], 3) for e in result.evals}
             reached = next((step for step, acc in curve.items() if acc >= 0.9), None)
             row = {"start": name, "recipe": recipe, "train_s": result.seconds, "with_setup_s": trained,
-                   "dev curve (step: attributes right)": curve, "steps to 90% on dev": reached}
+                   "dev curve (step: attributes right)": curve, "steps to 90% on dev": reached,
+                   "dev curves per attribute": {k: [round(e[f"dev_{k}"], 3) for e in result.evals]
+                                                for k in ("colour", "shape", "position")}}
             for split in ("test", "composition"):
                 feats, ds = data[split]
-                captions = model.generate(feats.features, max_new_tokens=max_new)
-                row[split] = {**caption_accuracy(captions, ds.objects),
-                              **caption_endings(captions, model.tokenizer, max_new), "examples": captions[:3]}
+                row[split] = {**captioner_scores(model, feats.features, ds.objects, max_new),
+                              "examples": model.generate(feats.features[:3], max_new_tokens=max_new)}
             show("stage 2", **row)
             del model
     show("done", peak_memory_mb=peak_memory_mb(), threads=torch.get_num_threads())

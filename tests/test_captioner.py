@@ -1,4 +1,4 @@
-"""The captioner (captioner.py) on the tiny profile: LoRA isolation, save/load, baselines, diagnostics, caption()."""
+"""The LoRA captioner (lora.py) on the tiny profile: LoRA isolation, save/load, baselines, diagnostics, caption()."""
 import json
 import subprocess
 import sys

@@ -6,7 +6,7 @@ import torch
 from vlmcourse.backbones import load_llm
 from vlmcourse.stage2 import PrecomputedConnector, SoftPromptCaptioner
 from vlmcourse.exercises import nb05
-from vlmcourse.exercises.nb05 import (check_cacheable, check_encoder_decoder, check_labels,
+from vlmcourse.exercises.nb05 import (check_build_inputs, check_cacheable, check_encoder_decoder, check_labels,
                                       check_projection_params, expected_labels)
 
 
@@ -99,3 +99,99 @@ def test_cacheable_check(capsys, frozen):
     assert "Unknown" in out(capsys)
     check_cacheable(3, qformer_frozen=frozen)
     assert "set of names" in out(capsys)
+
+
+def right_inputs(num_soft, prompt_ids, caption_ids, eos_id):
+    """A learner's correct my_inputs: right padding, masked by position."""
+    width = num_soft + len(prompt_ids) + max(len(c) for c in caption_ids) + 1
+    mask = torch.zeros(len(caption_ids), width, dtype=torch.long)
+    labels = torch.full((len(caption_ids), width), -100)
+    for i, c in enumerate(caption_ids):
+        end = num_soft + len(prompt_ids) + len(c) + 1
+        mask[i, :end] = 1
+        labels[i, num_soft + len(prompt_ids):end] = torch.tensor(list(c) + [eos_id])
+    return mask, labels
+
+
+def make_inputs(mistake):
+    """right_inputs with one classic mistake."""
+    def my_inputs(num_soft, prompt_ids, caption_ids, eos_id):
+        mask, labels = right_inputs(num_soft, prompt_ids, caption_ids, eos_id)
+        if mistake == "mask_by_pad_id":            # the usual recipe: -100 wherever the id is the pad id (= EOS id)
+            n = num_soft + len(prompt_ids)
+            ids = labels[:, n:].masked_fill(mask[:, n:] == 0, eos_id)    # the caption block, padded with the pad id
+            labels[:, n:] = ids.masked_fill(ids == eos_id, -100)
+            mask[:, n:] = (ids != eos_id).long()
+        elif mistake == "pads_labelled":
+            labels = labels.masked_fill(mask == 0, eos_id)
+        elif mistake == "prefix_labelled":
+            labels[:, :num_soft + len(prompt_ids)] = 0
+        elif mistake == "no_eos":
+            labels, mask = labels[:, :-1], mask[:, :-1]
+        elif mistake == "left":
+            labels, mask = right_inputs_left(num_soft, prompt_ids, caption_ids, eos_id, labels, mask)
+        elif mistake == "prefix_unattended":
+            mask[:, :num_soft] = 0
+        elif mistake == "pads_attended":
+            mask = torch.ones_like(mask)
+        return mask, labels
+    return my_inputs
+
+
+def right_inputs_left(num_soft, prompt_ids, caption_ids, eos_id, labels, mask):
+    n = num_soft + len(prompt_ids)
+    for i in range(labels.shape[0]):
+        text, pads = labels[i, n:], int((mask[i, n:] == 0).sum())
+        labels[i, n:] = torch.cat([text[text.shape[0] - pads:], text[:text.shape[0] - pads]])
+    return labels, torch.ones_like(mask)
+
+
+@pytest.fixture(scope="module")
+def tiny_captioner():
+    llm = load_llm("tiny")
+    return SoftPromptCaptioner(PrecomputedConnector(3, 8), 8, llm)
+
+
+def test_build_inputs_reference_is_the_bridge(tiny_captioner):
+    """The made-up case's reference is what build_inputs lays out (the real-caption case calls build_inputs itself)."""
+    captions = ["a dog runs", "two dogs run on the wet sand"]
+    ids = [c[:-1].tolist() for c in tiny_captioner.caption_ids(captions)]
+    _, mask, labels = tiny_captioner.build_inputs(torch.zeros(2, 3, 8), captions)
+    want = nb05.reference_inputs(3, tiny_captioner.prompt_ids.tolist(), ids, tiny_captioner.eos_id)
+    assert torch.equal(want[0], mask) and torch.equal(want[1], labels)
+    assert torch.equal(right_inputs(3, tiny_captioner.prompt_ids.tolist(), ids, tiny_captioner.eos_id)[1], labels)
+    assert nb05.reference_inputs(2, [41, 42], [[7, 8, 9]], 2)[1][0].tolist() == expected_labels()[:8]
+
+
+def test_build_inputs_check(capsys, tiny_captioner):
+    assert check_build_inputs(None) is None
+    assert out(capsys).startswith("✎")
+    for captioner in (None, tiny_captioner):
+        assert check_build_inputs(right_inputs, captioner) is None
+        text = out(capsys)
+        assert text.startswith("✓") and text.count("✓") == 1, text
+    assert "real captions" in text
+    for mistake, phrase in (("mask_by_pad_id", "you masked it"), ("pads_labelled", "padding positions are labelled"),
+                            ("prefix_labelled", "inputs, not targets"), ("no_eos", "exactly one EOS"),
+                            ("left", "padded on the left"), ("prefix_unattended", "must be attended"),
+                            ("pads_attended", "padding must not be attended")):
+        check_build_inputs(make_inputs(mistake), tiny_captioner)
+        text = out(capsys)
+        assert text.startswith("✗") and phrase in text, (mistake, text)
+
+
+def test_build_inputs_check_on_unfinished_code(capsys):
+    def not_started(num_soft, prompt_ids, caption_ids, eos_id):
+        return None
+
+    def raises(num_soft, prompt_ids, caption_ids, eos_id):
+        raise NotImplementedError("todo")
+
+    check_build_inputs(not_started)
+    assert out(capsys).startswith("✎")
+    check_build_inputs(raises)
+    assert "NotImplementedError" in out(capsys)
+    check_build_inputs(lambda *args: torch.zeros(3))
+    assert out(capsys).startswith("✗")
+    check_build_inputs(lambda *args: "abc")
+    assert out(capsys).startswith("✗")

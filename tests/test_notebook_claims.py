@@ -8,7 +8,8 @@ tables, figures and the ``assert`` next to them. Exempt:
 - structure: integers up to 12 (section numbers, "3 masks", "2 directions"), years (1900-2099), headings,
   inline code, code blocks, LaTeX and links.
 A markdown number matches an output number when the output, rounded to the markdown's decimals, equals it
-("46.1" quotes 46.14; "82M" quotes 81,564,221 or a table's 81.56 in millions). Notebooks join CONVERTED once their claims are assertions; 05 is next.
+("46.1" quotes 46.14; "82M" quotes 81,564,221 or a table's 81.56 in millions). Notebooks join CONVERTED once their
+claims are assertions; all seven have.
 """
 import json
 import re
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-CONVERTED = ["01_vit_patches", "02_clip_contrastive", "03_qformer_masks", "04_stage1_losses", "06_lora_captioning",
-             "07_attention_maps"]  # 05 next
+CONVERTED = ["01_vit_patches", "02_clip_contrastive", "03_qformer_masks", "04_stage1_losses", "05_stage2_soft_prompts",
+             "06_lora_captioning", "07_attention_maps"]
 
 NUMBER = re.compile(r"(?<![\w.\-/^])\d+(?:,\d{3})+(?:\.\d+)?(?![\w])|(?<![\w.\-/^])\d+(?:\.\d+)?")
 SOURCES = re.compile(r"<!--\s*sources:(.*?)-->", re.S)

@@ -83,7 +83,7 @@ class CaptionerRecipe(Recipe):
     - ``connector``: "qformer" (BLIP-2), "meanpool" (the patch grid average-pooled to ``pooled`` x ``pooled``
       tokens) or "linear" (LLaVA: every patch token, through the linear projection).
     - ``padding``: the bridge's label layout; "left_unmasked" and "mask_by_pad_id" reproduce the classic
-      mistakes (see bridge.py), "right" is the fix.
+      mistakes (see stage2.py), "right" is the fix.
     - ``base``: a stage-2 model to start from (``load_or_train_stage2``; notebook 05's): its trained Q-Former
       and projection, which ``stage2``'s settings then train further. None: the stage-1 Q-Former of
       ``stage2.stage1`` (or a mean-pool/linear connector) and a fresh projection.

@@ -142,9 +142,10 @@ def shapes_profile(profile: Profile | str | None = None) -> Profile:
 
 # Stage 1 on the shapes world (notebooks 04 and 07; benchmarks/shapes_world.py chose it on the dev split). Its
 # captions are short and its scenes few, so 8 queries do; ITM mixes random negatives into the hard ones, and the image
-# adapter's position embedding learns at 10x lr (see Stage1Recipe.lr_scales).
+# adapter's position embedding starts at 2-D sin-cos codes (captions name positions) and learns at 10x lr.
 SHAPES_STAGE1 = Stage1Recipe(steps=100, eval_every=0, lr_scales={"image_adapter.": 10.0},
-                             model=Stage1Config(num_query_tokens=8, itm_batch_size=16, itm_random_negatives=0.5))
+                             model=Stage1Config(num_query_tokens=8, itm_batch_size=16, itm_random_negatives=0.5,
+                                                image_positions="sincos"))
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -160,12 +161,9 @@ class Stage2Recipe(Recipe):
     with ``freeze_qformer`` its outputs are computed once per image and only the projection trains.
     ``stage1``: the stage-1 recipe whose Q-Former is handed over, or None for a fresh
     BERT-initialised Q-Former (``num_query_tokens`` queries, ``qformer_dropout``; a stage-1 Q-Former keeps its own).
-    Chosen on the dev split (benchmarks/stage2_settings.py, notebook 05 shows the table): the chat
-    prompt, lr 3e-4 with the Q-Former trained, 40 steps. The table was measured at 16 captions a step;
-    the notebooks take 8, which halves the activation memory and cuts the time by a third (about a minute on a
-    2-core CPU), to keep the whole course within its CI budget. The new projection learns at 10x lr
-    (``proj_lr_scale``): at 1x it barely moves in 40 steps. Dev loss, 40 steps of 8, one seed each: 3.58 -> 3.36
-    with stage 1, 3.64 -> 3.11 without.
+    Chosen on the dev split (benchmarks/stage2_settings.py; docs/recipes.md, "05", has the tables and costs): the
+    chat prompt, lr 3e-4 with the Q-Former trained, 40 steps of 8 captions. The new projection learns at 10x lr
+    (``proj_lr_scale``): at 1x it barely moves in 40 steps.
     """
 
     steps: int = 40
@@ -174,7 +172,7 @@ class Stage2Recipe(Recipe):
     warmup_steps: int = 5
     prompt: str = CHAT_PROMPT
     max_caption_tokens: int = 32
-    clean_captions: bool = True     # "A dog runs ." -> "A dog runs." (bridge.clean_caption)
+    clean_captions: bool = True     # "A dog runs ." -> "A dog runs." (stage2.clean_caption)
     freeze_qformer: bool = False
     seed: int = 0
     stage1: Stage1Recipe | None = field(default_factory=Stage1Recipe)
@@ -182,7 +180,7 @@ class Stage2Recipe(Recipe):
     qformer_dropout: float | None = 0.0   # as Stage1Config.dropout
     eval_every: int = 0             # dev caption loss every N steps (0: only at the end)
     proj_lr_scale: float = 10.0     # the new projection's learning rate, as a multiple of lr (see the docstring)
-    # k > 1: batch_size // k photos, k captions each, each photo's prefix read once by the LLM (bridge.grouped_loss)
+    # k > 1: batch_size // k photos, k captions each, each photo's prefix read once by the LLM (stage2.grouped_loss)
     captions_per_image: int = field(default=1, metadata={"key": "if_changed"})
     # parameter-name prefix -> lr multiple, besides the projection's (e.g. {"connector.image_norm.": 10}: a fresh
     # Q-Former's adapter, whose position embedding starts at zero; see Stage1Recipe.lr_scales)
@@ -239,7 +237,7 @@ def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split:
     """Train a ``SoftPromptCaptioner`` (whatever of it requires grad) with the recipe's optimisation settings,
     on cached image features of the train split; the ``eval_split`` caption loss (first caption of each photo)
     at the end (and every ``recipe.eval_every`` steps; None: never). Shared by stage 2 and the LoRA captioner
-    (captioner.py). ``metrics(model) -> {name: value}`` adds measures of the caller's to each evaluation (e.g.
+    (lora.py). ``metrics(model) -> {name: value}`` adds measures of the caller's to each evaluation (e.g.
     caption accuracy on the shapes world; a frozen connector is then swapped for its precomputed outputs)."""
     from contextlib import nullcontext
 
@@ -280,12 +278,13 @@ def stage2_dir(profile: Profile, recipe: Stage2Recipe) -> Path:
 
 
 def load_or_train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | None = None,
-                         retrain: bool = False, llm=None):
+                         retrain: bool = False, llm=None, metrics=None):
     """The stage-2 captioner of this recipe: loaded if it was trained before, else trained and saved.
 
     The folder (``stage2_dir``) holds model.safetensors and config.json (every weight but the frozen
     LLM's, see ``SoftPromptCaptioner.save_pretrained``), recipe.json and history.json. Returns
-    (SoftPromptCaptioner, TrainResult); ``llm`` reuses an LLM already loaded for this profile.
+    (SoftPromptCaptioner, TrainResult); ``llm`` reuses an LLM already loaded for this profile; ``metrics`` (see
+    ``fit_captioner``) are measured at each evaluation of a training run and saved with its history.
     """
     from .backbones import load_llm
     from .stage2 import SoftPromptCaptioner
@@ -297,7 +296,7 @@ def load_or_train_stage2(profile: Profile | str | None = None, recipe: Stage2Rec
         history = json.loads((path / "history.json").read_text())
         model = SoftPromptCaptioner.from_pretrained(path, llm or load_llm(profile))
         return model.to(profile.device), TrainResult(**history)
-    model, result = train_stage2(profile, recipe, llm=llm)
+    model, result = train_stage2(profile, recipe, llm=llm, metrics=metrics)
     save_trained(model, recipe, result, path, check=False)   # our cache folder
     return model, result
 

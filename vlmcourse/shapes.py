@@ -277,6 +277,13 @@ def caption_accuracy(captions: list[str], objects: list[list[dict]]) -> dict[str
     return out
 
 
+def captioner_scores(model, features: torch.Tensor, objects: list[list[dict]], max_new_tokens: int = 24) -> dict:
+    """A captioner's greedy captions for these photos, scored: ``caption_accuracy`` and ``caption_endings``."""
+    captions = model.generate(features, max_new_tokens=max_new_tokens)
+    return {**caption_accuracy(captions, objects), **caption_endings(captions, model.tokenizer, max_new_tokens),
+            "distinct": len(set(captions))}
+
+
 # ---------------------------------------------------------------- the world on disk
 
 def scenes(split: str, config: ShapesConfig | None = None) -> list[list[dict]]:

@@ -6,7 +6,10 @@ tells you how to start when your answer is still ``None``; all return None
 """
 
 from __future__ import annotations
-from vlmcourse.exercises import _not_attempted
+
+import torch
+
+from vlmcourse.exercises import _not_attempted, _run_learner
 
 IGNORE_INDEX = -100
 
@@ -19,7 +22,7 @@ EXERCISE_EOS = 2                 # the EOS id, which is also the pad id
 EXERCISE_TEXT_LEN = 6            # the batch's longest caption + EOS is 6 tokens: this row gets 2 pads
 
 __all__ = ["EXERCISE_CAPTION_IDS", "EXERCISE_EOS", "EXERCISE_NUM_SOFT", "EXERCISE_PROMPT_IDS", "EXERCISE_TEXT_LEN",
-           "check_labels", "check_projection_params", "check_encoder_decoder", "check_cacheable"]
+           "check_labels", "check_build_inputs", "check_projection_params", "check_encoder_decoder", "check_cacheable"]
 
 
 def _as_int_list(answer):
@@ -76,6 +79,133 @@ def check_labels(answer) -> None:
     else:
         hint = "compare your list with the picture in section 3, position by position."
     print(f"✗ Not quite. Hint: {hint}")
+
+
+# ----------------------------------------------------------------------------- exercise 1 (code)
+_BUILD_HOW = ("Fill in my_inputs(num_soft, prompt_ids, caption_ids, eos_id): for each caption (a list of token ids, "
+              "without EOS) the row is [num_soft soft prompts] [prompt_ids] [caption] [EOS] [padding up to the "
+              "longest caption + EOS of the batch]. Return (attention_mask, labels), two integer tensors of shape "
+              "(batch, num_soft + len(prompt_ids) + longest caption + 1): attention_mask is 1 on every real position "
+              "(soft prompts, prompt, caption, EOS) and 0 on the padding; labels are -100 everywhere except the "
+              "caption tokens and their one EOS. Find the padding by position (the pad id is the EOS id).")
+
+
+def reference_inputs(num_soft: int, prompt_ids, caption_ids, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention_mask, labels) as ``SoftPromptCaptioner.build_inputs`` lays them out, from token ids: the prefix
+    [soft prompts; prompt] attended and unlabelled, then ``stage2.text_inputs`` (right padding, masked by position)."""
+    from vlmcourse.stage2 import IGNORE_INDEX as ignore, text_inputs
+
+    caps = [torch.tensor([int(t) for t in c] + [eos_id], dtype=torch.long) for c in caption_ids]
+    _, text_mask, text_labels = text_inputs(caps, eos_id)
+    n = num_soft + len(prompt_ids)
+    b = len(caps)
+    return (torch.cat([torch.ones(b, n, dtype=torch.long), text_mask], 1),
+            torch.cat([torch.full((b, n), ignore, dtype=torch.long), text_labels], 1))
+
+
+def _build_cases(captioner=None):
+    """(name, num_soft, prompt_ids, caption ids without EOS, eos_id, reference (mask, labels)) for the check."""
+    cases = [("exercise 1's row and a longer one (2 soft prompts, prompt [41, 42], EOS = pad = 2)",
+              EXERCISE_NUM_SOFT, list(EXERCISE_PROMPT_IDS), [list(EXERCISE_CAPTION_IDS), [7, 8, 9, 10, 11]],
+              EXERCISE_EOS)]
+    cases = [(*c, reference_inputs(*c[1:])) for c in cases]
+    if captioner is not None:
+        from vlmcourse.stage2 import PrecomputedConnector
+
+        captions = ["A dog runs.", "Two children play on the wet sand at the beach.", "A man on a bike."]
+        with_eos = captioner.caption_ids(captions)
+        q = captioner.num_soft_tokens
+        stand_in = PrecomputedConnector(q, captioner.proj.in_features)
+        with torch.no_grad(), captioner.using_connector(stand_in):
+            _, mask, labels = captioner.build_inputs(torch.zeros(len(captions), q, captioner.proj.in_features,
+                                                                 dtype=captioner.proj.weight.dtype), captions)
+        cases.append((f"three real captions through the captioner's build_inputs ({q} soft prompts, the chat prompt, "
+                      f"EOS = pad = {captioner.eos_id})", q, captioner.prompt_ids.tolist(),
+                      [c[:-1].tolist() for c in with_eos], captioner.eos_id, (mask.cpu(), labels.cpu())))
+    return cases
+
+
+def _diagnose_build(mask, labels, want_mask, want_labels, num_soft, prompt_ids, caption_ids, eos_id) -> str:
+    """A hint for a (mask, labels) answer of the right shape that differs from the reference."""
+    ignore = IGNORE_INDEX
+    n = num_soft + len(prompt_ids)
+    real = want_mask.bool()
+    is_eos = want_labels == eos_id
+    if torch.equal(labels, want_labels.masked_fill(is_eos, ignore)):
+        return ("your labels have no EOS at all: you masked it. The EOS has the pad id, so masking 'every position "
+                "whose id is the pad id' deletes the caption's real EOS too, and the model never learns to stop. "
+                "Mask the padding by position: everything after each caption's EOS.")
+    if (labels[:, :n] != ignore).any():
+        return ("the soft prompts and the prompt are inputs, not targets: their labels are -100 (nobody asks the "
+                "model to predict them).")
+    shifted = torch.cat([want_labels[:, 1:], torch.full_like(want_labels[:, :1], ignore)], 1)
+    if torch.equal(labels, shifted):
+        return ("you shifted the labels yourself. Hugging Face's causal LMs shift inside the model: labels[i] is "
+                "the token at position i.")
+    if torch.equal(labels[real], want_labels[real]) and (labels[~real] != ignore).any():
+        return ("the padding positions are labelled. They are not part of any caption: -100 (labelled pads teach "
+                "the model to say EOS again after it has stopped, or, padded on the left, to stop at once).")
+    lengths = [len(c) + 1 for c in caption_ids]
+    left = torch.full_like(want_labels, ignore)
+    for i, c in enumerate(caption_ids):
+        left[i, left.shape[1] - lengths[i]:] = torch.tensor([int(t) for t in c] + [eos_id])
+    if torch.equal(labels, left):
+        return ("you padded on the left. This notebook pads on the right: [prefix] [caption] [EOS] [pad ...], so "
+                "the caption follows the prompt directly in every row.")
+    if not torch.equal(labels, want_labels):
+        row = int((labels != want_labels).any(1).nonzero()[0])
+        return (f"row {row} differs: expected labels {want_labels[row].tolist()}, got {labels[row].tolist()}.")
+    # the labels are right: the attention mask is not
+    if (mask[:, :n] == 0).any():
+        return "the soft prompts and the prompt must be attended to (mask 1): they are what the caption reads."
+    if torch.equal(mask, (want_labels != ignore).long()):
+        return "the attention mask is 1 on every real position, the soft prompts and the prompt included."
+    if torch.equal(mask, want_mask.masked_fill(is_eos, 0)):
+        return ("the EOS is a real token (mask 1): you masked it by its id, which is the pad id. Find the padding "
+                "by position.")
+    if (mask[~real] != 0).any():
+        return "the padding must not be attended to: mask 0 after each caption's EOS."
+    row = int((mask != want_mask).any(1).nonzero()[0])
+    return f"row {row} of the attention mask differs: expected {want_mask[row].tolist()}, got {mask[row].tolist()}."
+
+
+def check_build_inputs(fn, captioner=None) -> None:
+    """Exercise 1 (code): the learner's ``my_inputs(num_soft, prompt_ids, caption_ids, eos_id) -> (attention_mask,
+    labels)`` for a right-padded batch, against the layout of ``SoftPromptCaptioner.build_inputs``: on made-up ids
+    (exercise 1's row and a longer one), and, given a ``captioner``, on real captions through its own
+    ``build_inputs`` (its tokenizer, its prompt, its number of soft prompts)."""
+    if fn is None:
+        _not_attempted(_BUILD_HOW)
+        return
+    for name, num_soft, prompt_ids, caption_ids, eos_id, (want_mask, want_labels) in _build_cases(captioner):
+        got = _run_learner(fn, "my_inputs", _BUILD_HOW, num_soft, list(prompt_ids), [list(c) for c in caption_ids],
+                           eos_id)
+        if got is None:
+            return
+        try:
+            mask, labels = (torch.as_tensor(g).long().cpu() for g in got)
+        except (TypeError, ValueError, RuntimeError):
+            print(f"✗ Return a pair (attention_mask, labels) of integer tensors; got {type(got).__name__}.")
+            return
+        width, b = want_labels.shape[1], len(caption_ids)
+        if mask.shape != want_mask.shape or labels.shape != want_labels.shape:
+            shapes = f"expected two ({b}, {width}) tensors, got {tuple(mask.shape)} and {tuple(labels.shape)}"
+            hint = {width - 1: "each caption ends with exactly one EOS, which counts as a position: append it.",
+                    width - num_soft - len(prompt_ids): "the rows cover the whole sequence, soft prompts and prompt "
+                                                        "included, not only the caption block.",
+                    width - num_soft: "the soft prompts are positions too: the row starts with num_soft of them."}.get(
+                labels.shape[-1] if labels.ndim else -1, _BUILD_HOW)
+            print(f"✗ On {name}: {shapes}.\n  Hint: {hint}")
+            return
+        if torch.equal(mask, want_mask) and torch.equal(labels, want_labels):
+            continue
+        hint = _diagnose_build(mask, labels, want_mask, want_labels, num_soft, prompt_ids, caption_ids, eos_id)
+        print(f"✗ On {name}: not quite.\n  Hint: {hint}")
+        return
+    real = " and on real captions through the captioner's own build_inputs" if captioner is not None else ""
+    print(f"✓ my_inputs matches SoftPromptCaptioner.build_inputs, on made-up ids{real}: the prefix attended and "
+          f"unlabelled, the caption and exactly one EOS labelled, the padding found by position (mask 0, label -100) "
+          f"although its id is the EOS id.")
 
 
 # ----------------------------------------------------------------------------- exercise 2
