@@ -134,8 +134,8 @@ def test_the_recipes_run_on_shapes_through_the_profile(tmp_cache):
 # shape per photo: the captioner's two-object captions need more steps than a unit test has.
 WORLD = ShapesConfig(n_train=960, n_dev=8, n_test=96, n_composition=8, two_objects=0.0)
 STAGE1_STEPS, QUERIES, STAGE2_STEPS, MAX_NEW = 400, 8, 300, 16
-# What these settings reached (seed 0, 96 test photos; the stage-1 fixture takes about 30 s, each captioner about
-# 50 s on a quiet 2-core CPU; 45, 80 and 67 s on a busy one): scene R@1 0.66 (chance 0.020, untrained 0.010); ITM
+# What these settings reached (seed 0, 96 test photos; on a quiet 2-core CPU the stage-1 fixture takes 45 s and the
+# two captioners 68 s and 57 s, 300 steps each: at 225 steps the one measured run named all three for only 0.36): scene R@1 0.66 (chance 0.020, untrained 0.010); ITM
 # ranks a photo's own caption above a random one for 0.82 of the photos (untrained 0.49), above a hard negative for
 # 0.68 (untrained 0.48); the top query's attention on the object's cells 0.91 on average (untrained 0.23, uniform
 # 0.060). The captioner names the colour of 0.51 of the objects (chance 0.25), the shape of 0.55 (0.33), the position
@@ -152,13 +152,15 @@ def world(tmp_path_factory):
     from vlmcourse.backbones import TinyVisionEncoder
     from vlmcourse.features import compute_features
 
+    # Only the photos and their features go to a temporary cache: the tiny LLM's tokenizer comes from the usual one
+    # (converted once from the GGUF, which takes half a minute).
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLMCOURSE_CACHE", str(tmp_path_factory.mktemp("shapes_world")))
         torch.manual_seed(0)
         vision = TinyVisionEncoder(224, patch_size=32).freeze()
         train, test = (load_shapes(s, vision.transform, WORLD) for s in ("train", "test"))
-        yield {"train": train, "test": test, "train_x": compute_features(vision, train).features.float(),
-               "test_x": compute_features(vision, test).features.float()}
+        return {"train": train, "test": test, "train_x": compute_features(vision, train).features.float(),
+                "test_x": compute_features(vision, test).features.float()}
 
 
 def _fit(model, world, loss_fn, steps, lr_scales, lr=3e-3, fits=True, desc="shapes"):
