@@ -479,3 +479,43 @@ def plot_input_layout(captioner: SoftPromptCaptioner, image_embeds: torch.Tensor
     ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], ncol=5, loc="upper center",
               bbox_to_anchor=(0.5, 1.0 + 0.35 / len(captions)), frameon=False)
     return ax
+
+
+# The whole model once (notebook 99): each box is a piece the course builds, with the notebook that builds it.
+COURSE_MAP = [  # (label, notebook, x, y, colour, frozen)
+    ("photo → patches\n(a 7×7 grid)", "01", 0.02, 0.55, "#8a9ba8", False),
+    ("image encoder\n(CNN or ViT)", "01-02", 0.20, 0.55, "#34495e", True),
+    ("Q-Former: queries,\n3 masks, cross-attn.", "03", 0.40, 0.55, "#8e6cc0", False),
+    ("stage 1: ITC · ITM · ITG", "04", 0.40, 0.15, "#8e6cc0", False),
+    ("projection →\nsoft prompts", "05", 0.60, 0.55, "#3d8b5a", False),
+    ("LLM (SmolLM2),\nLoRA trains in 06", "05-06", 0.78, 0.55, "#34495e", True),
+    ("attention maps,\nexplorer", "07", 0.40, 0.88, "#d08a2e", False),
+]
+
+
+def plot_course_map(ax=None):
+    """BLIP-2 drawn once: the pieces left to right in the order an image goes through them, each labelled with the
+    notebook that builds it; dark boxes stay frozen, coloured ones train."""
+    ax = ax or plt.subplots(figsize=(14, 4.2))[1]
+    width, height = 0.17, 0.24
+    centres = {}
+    for label, notebook, x, y, colour, frozen in COURSE_MAP:
+        ax.add_patch(Rectangle((x, y - height / 2), width, height, color=colour, alpha=0.95))
+        ax.text(x + width / 2, y + 0.02, label, ha="center", va="center", color="white", fontsize=10.5)
+        ax.text(x + width / 2, y - height / 2 + 0.025, f"notebook {notebook}" + (" · frozen" if frozen else ""),
+                ha="center", va="bottom", color="white", fontsize=9, style="italic")
+        centres[notebook] = (x, y)
+    arrow = dict(arrowstyle="->", color="#555", lw=1.6)
+    chain = [b for b in COURSE_MAP if b[3] == 0.55]
+    for a, b in zip(chain, chain[1:]):
+        ax.annotate("", xy=(b[2], 0.55), xytext=(a[2] + width, 0.55), arrowprops=arrow)
+    q = next(b for b in COURSE_MAP if b[1] == "03")
+    for other in ("04", "07"):
+        b = next(c for c in COURSE_MAP if c[1] == other)
+        top = b[3] + height / 2 if b[3] < q[3] else b[3] - height / 2
+        start = q[3] - height / 2 if b[3] < q[3] else q[3] + height / 2
+        ax.annotate("", xy=(q[2] + width / 2, top), xytext=(q[2] + width / 2, start),
+                    arrowprops=dict(arrowstyle="<->" if other == "04" else "->", color="#555", lw=1.6))
+    ax.set(xlim=(0, 0.97), ylim=(0, 1.02))
+    ax.axis("off")
+    return ax
