@@ -41,7 +41,7 @@ def check_prefix(fn, model, image_embeds: torch.Tensor) -> None:
     got = got.to(expected.dtype)
     if torch.allclose(got, expected, atol=1e-4):
         print(f"✓ Right: {q} soft prompts and {p} prompt tokens, {width}-d each, exactly what generate() feeds the LLM.")
-    elif torch.allclose(got[:, p:], expected[:, :q], atol=1e-4) if got.shape[1] == q + p else False:
+    elif torch.allclose(got[:, p:], expected[:, :q], atol=1e-4):
         print("✗ Same vectors, wrong order. Hint: the soft prompts come first, then the prompt (the LLM reads the "
               "image, then the instruction, then writes).")
     elif torch.allclose(got[:, q:], expected[:, q:], atol=1e-4):
