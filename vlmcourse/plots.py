@@ -498,13 +498,11 @@ def plot_course_map(ax=None):
     notebook that builds it; dark boxes stay frozen, coloured ones train."""
     ax = ax or plt.subplots(figsize=(14, 4.2))[1]
     width, height = 0.17, 0.24
-    centres = {}
     for label, notebook, x, y, colour, frozen in COURSE_MAP:
         ax.add_patch(Rectangle((x, y - height / 2), width, height, color=colour, alpha=0.95))
         ax.text(x + width / 2, y + 0.02, label, ha="center", va="center", color="white", fontsize=10.5)
         ax.text(x + width / 2, y - height / 2 + 0.025, f"notebook {notebook}" + (" · frozen" if frozen else ""),
                 ha="center", va="bottom", color="white", fontsize=9, style="italic")
-        centres[notebook] = (x, y)
     arrow = dict(arrowstyle="->", color="#555", lw=1.6)
     chain = [b for b in COURSE_MAP if b[3] == 0.55]
     for a, b in zip(chain, chain[1:]):
