@@ -82,10 +82,12 @@ class QFormerConnector(nn.Module):
         self.qformer, self.image_norm = qformer, image_norm
         self.num_tokens = qformer.config.num_query_tokens
 
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_embeds: torch.Tensor, **text) -> torch.Tensor:
+        """``text``: the Q-Former's text inputs (input_ids, attention_mask, mask_type), for connectors whose
+        queries also read text (instructblip.py); BLIP-2's read the image alone."""
         if self.image_norm is not None:
             image_embeds = self.image_norm(image_embeds)
-        return self.qformer(image_embeds=image_embeds).query_output
+        return self.qformer(image_embeds=image_embeds, **text).query_output
 
     def to_config(self) -> dict:
         norm = self.image_norm

@@ -38,10 +38,8 @@ class InstructQFormerConnector(QFormerConnector):
             input_ids, attention_mask = self._instruction
         if input_ids is not None and input_ids.shape[0] != image_embeds.shape[0]:
             raise ValueError(f"{image_embeds.shape[0]} images but {input_ids.shape[0]} instructions")
-        if self.image_norm is not None:
-            image_embeds = self.image_norm(image_embeds)
-        return self.qformer(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask,
-                            mask_type=self.mask_type).query_output
+        return super().forward(image_embeds, input_ids=input_ids, attention_mask=attention_mask,
+                               mask_type=self.mask_type)
 
     def attention_pattern(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, Q+T, Q+T) bool: who may attend to whom in the self-attention (queries first, then instruction)."""
