@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--stage2-adapter-lr-scale", type=float, default=1.0,
                         help="lr multiple of the connector's image adapter in stage 2")
     parser.add_argument("--stage2-proj-lr-scale", type=float, default=10.0)
+    parser.add_argument("--stage2-freeze-qformer", action="store_true",
+                        help="Stage2Recipe.freeze_qformer: only the projection trains, on precomputed query outputs")
     parser.add_argument("--max-new", type=int, default=40, help="tokens generated per caption at evaluation")
     parser.add_argument("--image-positions", default="zeros", choices=["zeros", "sincos"],
                         help="the image adapter's position embedding at the start (stage 1 and a fresh stage 2)")
@@ -135,6 +137,7 @@ def main() -> None:
                                   warmup_steps=5, prompt=CHAT_PROMPT, max_caption_tokens=32, seed=args.seed,
                                   stage1=source, num_query_tokens=args.queries, eval_every=args.eval_every,
                                   proj_lr_scale=args.stage2_proj_lr_scale, image_positions=args.image_positions,
+                                  freeze_qformer=args.stage2_freeze_qformer,
                                   lr_scales={} if args.stage2_adapter_lr_scale == 1 else
                                   {"connector.image_norm.": args.stage2_adapter_lr_scale})
             began = time.perf_counter()

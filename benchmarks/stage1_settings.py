@@ -54,6 +54,15 @@ SWEEP = {
     "lr x10, logits 2, itm random 0.5, itm 16": ({"new_lr_scale": 10.0},
                                                  {"cross_attention_logit_std": 2.0, "itm_random_negatives": 0.5,
                                                   "itm_batch_size": 16}),
+    # the shapes recipe in full: its position embedding starts at 2-D sin-cos codes (Stage1Config.image_positions)
+    "shapes recipe, sincos": ({"lr_scales": {"image_adapter.": 10.0}},
+                              {"itm_random_negatives": 0.5, "itm_batch_size": 16, "image_positions": "sincos"}),
+    "lr x10, sincos, itm random 0.5, itm 16": ({"new_lr_scale": 10.0},
+                                               {"itm_random_negatives": 0.5, "itm_batch_size": 16,
+                                                "image_positions": "sincos"}),
+    "lr x10, sincos, itm random 0.5, itm 16, 16 queries": ({"new_lr_scale": 10.0},
+                                                           {"itm_random_negatives": 0.5, "itm_batch_size": 16,
+                                                            "image_positions": "sincos", "num_query_tokens": 16}),
 }
 
 

@@ -117,3 +117,19 @@ def test_the_projection_learns_at_its_own_multiple_of_the_learning_rate(tiny_wor
     recipes.fit_captioner(model, profile, r, eval_split=None)
     assert torch.equal(model.proj.weight, proj)
     assert any(not torch.equal(p, qformer[n]) for n, p in model.connector.named_parameters())
+
+
+def test_metrics_of_a_frozen_qformer_run_see_image_features(tiny_world):
+    """Training a frozen Q-Former swaps it for its precomputed outputs; a caller's ``metrics`` still gets the real
+    connector, so it can caption raw image features (what benchmarks/shapes_world.py's dev accuracy does)."""
+    dev_x = torch.randn(2, 16, 32)
+    seen = []
+
+    def metrics(m):
+        seen.append(type(m.connector).__name__)
+        return {"captions": len(m.generate(dev_x, max_new_tokens=2))}
+
+    model, result = recipes.train_stage2("tiny", replace(RECIPE, eval_every=2), metrics=metrics)
+    assert seen == ["QFormerConnector", "QFormerConnector"]                      # every evaluation, real connector
+    assert [e["captions"] for e in result.evals] == [2, 2]
+    assert isinstance(model.connector, QFormerConnector)

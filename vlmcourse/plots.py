@@ -380,7 +380,7 @@ def plot_captions(images, generated: list[str], references: list[str], ncols: in
 
 
 # ---------------------------------------------------------------------------- stage 2 and captions (notebooks 05, 06)
-def plot_caption_gallery(images, captions: dict[str, list[str]], ncols: int = 4, width: int = 36):
+def plot_caption_gallery(images, captions: dict[str, list[str]], ncols: int = 4, width: int = 30):
     """Photos in a grid; under each, one line per entry of ``captions`` ({label: one caption per photo}),
     e.g. {"with stage 1": [...], "reference": [...]}."""
     nrows = math.ceil(len(images) / ncols)
@@ -393,7 +393,7 @@ def plot_caption_gallery(images, captions: dict[str, list[str]], ncols: int = 4,
         ax.set_xticks([])
         ax.set_yticks([])
         text = "\n".join(textwrap.fill(f"{label}: {caps[k] or '(empty)'}", width) for label, caps in captions.items())
-        ax.set_xlabel(text, loc="left", fontsize=11.5, linespacing=1.15)
+        ax.set_xlabel(text, loc="left", fontsize=14, linespacing=1.15)
     fig.tight_layout()
     return fig
 

@@ -246,8 +246,8 @@ def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split:
 
     vision = vision or load_vision_encoder(profile)
     train_feats, train_ds = split_features(profile, "train", vision)
-    train_x, swap = train_feats.features, nullcontext()
-    frozen = not any(p.requires_grad for p in captioner.connector.parameters())
+    train_x, swap, connector = train_feats.features, nullcontext(), captioner.connector
+    frozen = not any(p.requires_grad for p in connector.parameters())
     if frozen:
         # A frozen connector gives each photo the same outputs at every step: compute them once.
         train_x = captioner.connector_outputs(train_x)
@@ -260,7 +260,11 @@ def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split:
         eval_captions = [caps[0] for caps in captions_for(eval_feats, eval_ds)]
 
         def eval_fn(m):
-            return {f"{eval_split}_loss": mean_caption_loss(m, eval_x, eval_captions), **(metrics(m) if metrics else {})}
+            scores = {f"{eval_split}_loss": mean_caption_loss(m, eval_x, eval_captions)}
+            if metrics:
+                with m.using_connector(connector):     # the caller's measures take image features, as after training
+                    scores.update(metrics(m))
+            return scores
 
     batches = caption_batches(train_x, captions_for(train_feats, train_ds), train_feats.image_ids, recipe.batch_size,
                               recipe.captions_per_image)

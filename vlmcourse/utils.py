@@ -2,6 +2,7 @@
 writing a folder all at once (``atomic_dir``). This file imports nothing else from the package."""
 from __future__ import annotations
 
+import functools
 import os
 import random
 import resource
@@ -39,11 +40,32 @@ def peak_memory_mb() -> float:
 
 def show_table(rows, columns=None, digits: int = 3, index: str | None = None):
     """Rows (list of dicts or lists) as a pandas DataFrame with rounded floats: notebooks render it
-    as a table, and its text form is stable enough for a checked (NBVAL_CHECK_OUTPUT) cell."""
+    as a table, and its text form is stable enough for a checked (NBVAL_CHECK_OUTPUT) cell. ``index``: the
+    column that labels the rows; without one the rows are shown without pandas' 0, 1, 2, ... labels."""
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=columns).round(digits)
-    return frame.set_index(index) if index else frame
+    return frame.set_index(index) if index else _unlabelled_class()(frame)
+
+
+@functools.cache
+def _unlabelled_class():
+    import pandas as pd     # here, not at the top: the package imports fast without pandas
+
+    class Unlabelled(pd.DataFrame):
+        """A DataFrame shown without its row numbers; anything computed from it is a plain DataFrame."""
+
+        @property
+        def _constructor(self):
+            return pd.DataFrame
+
+        def __repr__(self) -> str:
+            return self.to_string(index=False)
+
+        def _repr_html_(self) -> str:
+            return self.to_html(index=False, notebook=True)
+
+    return Unlabelled
 
 
 def release_memory(collect: bool = True) -> None:
