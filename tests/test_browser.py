@@ -2,7 +2,8 @@
 Playwright, the notebook run top to bottom, the query slider moved, and the drawn map checked to change.
 
 Needs Debian's chromium (/usr/bin/chromium, or $VLMCOURSE_CHROMIUM) and the playwright package (its own
-browser download is never used); skipped with the reason where either is missing. .ci/run installs both, and then requires the test to run.
+browser download is never used); skipped with the reason where either is missing. .ci/run installs both, and
+then requires the test to run.
 It runs after the notebooks (conftest.py orders it last) so that notebook 07 finds the stage-1 model that
 notebook 04 trained, and it works on a copy of the notebook, so JupyterLab's autosave never touches the course.
 """
