@@ -63,6 +63,14 @@ SWEEP = {
     "lr x10, sincos, itm random 0.5, itm 16, 16 queries": ({"new_lr_scale": 10.0},
                                                            {"itm_random_negatives": 0.5, "itm_batch_size": 16,
                                                             "image_positions": "sincos", "num_query_tokens": 16}),
+    # BLIP-2 trains its Q-Former with dropout 0.1 (Stage1Recipe drops it for speed): does it keep the queries apart?
+    "dropout 0.1": ({}, {"dropout": 0.1}),
+    "dropout 0.1, lr x10, logits 2, itm random 0.5, itm 16": ({"new_lr_scale": 10.0},
+                                                              {"dropout": 0.1, "cross_attention_logit_std": 2.0,
+                                                               "itm_random_negatives": 0.5, "itm_batch_size": 16}),
+    "dropout 0.1, itm random 0.5, itm 16": ({}, {"dropout": 0.1, "itm_random_negatives": 0.5, "itm_batch_size": 16}),
+    "dropout 0.1, lr x3, itm random 0.5, itm 16": ({"new_lr_scale": 3.0},
+                                                   {"dropout": 0.1, "itm_random_negatives": 0.5, "itm_batch_size": 16}),
 }
 
 

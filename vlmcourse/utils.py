@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 import resource
 import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
 def seed_everything(seed: int = 0) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so a run can be repeated."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    """Seed Python, NumPy and torch (CPU and every accelerator) so a run can be repeated: transformers' set_seed."""
+    from transformers import set_seed       # here: the package imports fast without transformers
+
+    set_seed(seed)
 
 
 def cache_dir(*parts: str) -> Path:

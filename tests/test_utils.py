@@ -1,7 +1,11 @@
-"""show_table: what the notebooks' tables look like (rounded, row labels only where a column names the rows)."""
-import pandas as pd
+"""vlmcourse.utils: the notebooks' tables (rounded, row labels only where a column names the rows) and seeding."""
+import random
 
-from vlmcourse import show_table
+import numpy as np
+import pandas as pd
+import torch
+
+from vlmcourse import seed_everything, show_table
 
 
 def test_a_table_without_an_index_shows_no_row_numbers():
@@ -16,3 +20,15 @@ def test_a_table_without_an_index_shows_no_row_numbers():
 def test_a_table_with_an_index_labels_its_rows():
     table = show_table([{"split": "train", "photos": 646}, {"split": "dev", "photos": 78}], index="split")
     assert list(table.index) == ["train", "dev"] and table.loc["dev", "photos"] == 78
+
+
+def test_seed_everything_repeats_python_numpy_and_torch():
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(3)
+    first = draw()
+    seed_everything(3)
+    assert draw() == first
+    seed_everything(4)
+    assert draw() != first
