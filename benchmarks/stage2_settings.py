@@ -4,7 +4,7 @@ Each setting trains a ``Stage2Recipe`` (frozen Q-Former: its query outputs are
 computed once, only the projection trains) and captions the 78 dev photos
 greedily. Printed per setting, one JSON line each: seconds of training and per
 step, the dev caption loss, distinct and empty captions, the mean P(EOS) at
-the first step, BLEU-4 and CIDEr-D. Nothing is cached (``train_stage2``, not
+the first step, BLEU-4 and CIDEr-D, and CIDEr-D from a blank grey photo. Nothing is cached (``train_stage2``, not
 ``load_or_train_stage2``). On a shared machine pin the threads so runs do not
 fight: ``OMP_NUM_THREADS=1``. Run by hand:
 
@@ -20,9 +20,9 @@ import torch
 from sweep import emit, sweep_parser
 
 from vlmcourse import get_profile
-from vlmcourse.backbones import load_llm
-from vlmcourse.evaluate import evaluate_captions
-from vlmcourse.recipes import CHAT_PROMPT, Stage2Recipe, captions_for, split_features, train_stage2
+from vlmcourse.backbones import load_llm, load_vision_encoder
+from vlmcourse.evaluate import blank_image_features, evaluate_captions
+from vlmcourse.recipes import CHAT_PROMPT, Stage1Recipe, Stage2Recipe, captions_for, split_features, train_stage2
 
 CHAT = CHAT_PROMPT
 # an instruction with one example caption: the instruct LLM answers in that format and ends its turn with EOS
@@ -51,6 +51,11 @@ SWEEP = {
     "lr=3e-4, chat prompt, Q-Former trained": dict(lr=3e-4, prompt=CHAT, freeze_qformer=False),
     "lr=1e-3, chat prompt, Q-Former trained, batch 8 x 2 steps": dict(lr=1e-3, prompt=CHAT, freeze_qformer=False,
                                                                      batch_size=8, steps=None),
+    # issue 17, item 3: the notebook's recipe (Q-Former trained) from a stage-1 model whose queries stay apart
+    # (BLIP-2's dropout 0.1; docs/recipes.md, "04") against a fresh Q-Former with the same dropout
+    "Stage2Recipe(), stage 1 with dropout 0.1": dict(stage1=replace(Stage1Recipe(), model=replace(
+        Stage1Recipe().model, dropout=0.1))),
+    "Stage2Recipe(), fresh Q-Former, dropout 0.1": dict(stage1=None, qformer_dropout=0.1),
 }
 
 
@@ -62,6 +67,7 @@ def main():
     llm = load_llm(profile)
     feats, ds = split_features(profile, "dev")
     references = captions_for(feats, ds)
+    blank_x = blank_image_features(load_vision_encoder(profile))     # a grey photo: what a model says without one
     for name, change in SWEEP.items():
         if args.only and name not in args.only:
             continue
@@ -75,11 +81,14 @@ def main():
             trained = time.perf_counter() - began
             began = time.perf_counter()
             report = evaluate_captions(model, references, feats.features)
+            with torch.no_grad():
+                blank = evaluate_captions(model, references, soft_prompts=model.soft_prompts(blank_x))
             row = {"setting": name, "seed": seed, "steps": recipe.steps, "batch": recipe.batch_size,
                    "train s (loop)": round(result.seconds, 1), "train s (with setup)": round(trained, 1),
                    "s/step": round(result.seconds / recipe.steps, 2), "dev loss": round(result.evals[-1]["dev_loss"], 3),
                    "last train loss": round(sum(result.column("loss")[-5:]) / 5, 3),
                    **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k != "captions"},
+                   "CIDEr-D, blank photo": round(blank["CIDEr-D"], 4),
                    "eval s": round(time.perf_counter() - began, 1), "examples": report["captions"][:3],
                    "threads": torch.get_num_threads(), "recipe": asdict(recipe) | {"stage1": recipe.stage1 is not None}}
             emit(row, args.out)
