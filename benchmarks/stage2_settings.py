@@ -1,11 +1,13 @@
 """Choose notebook 05's stage-2 settings on the DEV split (the test split is never looked at here).
 
-Each setting trains a ``Stage2Recipe`` (frozen Q-Former: its query outputs are
-computed once, only the projection trains) and captions the 78 dev photos
-greedily. Printed per setting, one JSON line each: seconds of training and per
-step, the dev caption loss, distinct and empty captions, the mean P(EOS) at
-the first step, BLEU-4 and CIDEr-D, and CIDEr-D from a blank grey photo. Nothing is cached (``train_stage2``, not
-``load_or_train_stage2``). On a shared machine pin the threads so runs do not
+Each setting trains a ``Stage2Recipe`` (the early settings freeze the Q-Former:
+its query outputs are computed once, only the projection trains) and captions
+the 78 dev photos greedily. Printed per setting, one JSON line each: seconds of
+training and per step, the dev caption loss, distinct and empty captions, the
+mean P(EOS) at the first step, BLEU-4 and CIDEr-D, and CIDEr-D from a blank
+grey photo. No stage-2 model is cached (``train_stage2``, not
+``load_or_train_stage2``); the stage-1 model a setting starts from is trained
+once and cached, as in the notebooks. On a shared machine pin the threads so runs do not
 fight: ``OMP_NUM_THREADS=1``. Run by hand:
 
     python benchmarks/stage2_settings.py                      # the default sweep
