@@ -57,6 +57,8 @@ SWEEP = {
     # (BLIP-2's dropout 0.1; docs/recipes.md, "04") against a fresh Q-Former with the same dropout
     "Stage2Recipe(), stage 1 with dropout 0.1": dict(stage1=replace(Stage1Recipe(), model=replace(
         Stage1Recipe().model, dropout=0.1))),
+    "Stage2Recipe(), stage 1 with dropout 0.1, stage-1 seed 2": dict(stage1=replace(Stage1Recipe(), seed=2, model=replace(
+        Stage1Recipe().model, dropout=0.1))),
     "Stage2Recipe(), fresh Q-Former, dropout 0.1": dict(stage1=None, qformer_dropout=0.1),
 }
 
