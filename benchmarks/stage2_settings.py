@@ -30,6 +30,8 @@ CHAT = CHAT_PROMPT
 # an instruction with one example caption: the instruct LLM answers in that format and ends its turn with EOS
 EXAMPLE = "\nWrite a one-sentence caption for this photo, like: A dog runs on the grass.<|im_end|>\n<|im_start|>assistant\n"
 SHORT_EXAMPLE = "\nOne short caption, like: A dog runs on the grass.<|im_end|>\n<|im_start|>assistant\n"
+# notebook 04's stage-1 recipe with BLIP-2's Q-Former dropout (docs/recipes.md, "04": its queries may stay apart)
+DROPOUT_STAGE1 = replace(Stage1Recipe(), model=replace(Stage1Recipe().model, dropout=0.1))
 SWEEP = {
     "lr=3e-4": dict(lr=3e-4),
     "lr=1e-3": dict(lr=1e-3),
@@ -55,10 +57,8 @@ SWEEP = {
                                                                      batch_size=8, steps=None),
     # issue 17, item 3: the notebook's recipe (Q-Former trained) from a stage-1 model whose queries stay apart
     # (BLIP-2's dropout 0.1; docs/recipes.md, "04") against a fresh Q-Former with the same dropout
-    "Stage2Recipe(), stage 1 with dropout 0.1": dict(stage1=replace(Stage1Recipe(), model=replace(
-        Stage1Recipe().model, dropout=0.1))),
-    "Stage2Recipe(), stage 1 with dropout 0.1, stage-1 seed 2": dict(stage1=replace(Stage1Recipe(), seed=2, model=replace(
-        Stage1Recipe().model, dropout=0.1))),
+    "Stage2Recipe(), stage 1 with dropout 0.1": dict(stage1=DROPOUT_STAGE1),
+    "Stage2Recipe(), stage 1 with dropout 0.1, stage-1 seed 2": dict(stage1=replace(DROPOUT_STAGE1, seed=2)),
     "Stage2Recipe(), fresh Q-Former, dropout 0.1": dict(stage1=None, qformer_dropout=0.1),
 }
 

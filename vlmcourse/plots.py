@@ -482,13 +482,14 @@ def plot_input_layout(captioner: SoftPromptCaptioner, image_embeds: torch.Tensor
 
 
 # The whole model once (notebook 99): each box is a piece the course builds, with the notebook that builds it.
+PATH_Y = 0.55   # the row an image travels along, left to right
 COURSE_MAP = [  # (label, notebook, x, y, colour, frozen)
-    ("photo → patches\n(a 7×7 grid)", "01", 0.02, 0.55, "#8a9ba8", False),
-    ("image encoder\n(CNN or ViT)", "01-02", 0.20, 0.55, "#34495e", True),
-    ("Q-Former: queries,\n3 masks, cross-attn.", "03", 0.40, 0.55, "#8e6cc0", False),
+    ("photo → patches\n(a 7×7 grid)", "01", 0.02, PATH_Y, "#8a9ba8", False),
+    ("image encoder\n(CNN or ViT)", "01-02", 0.20, PATH_Y, "#34495e", True),
+    ("Q-Former: queries,\n3 masks, cross-attn.", "03", 0.40, PATH_Y, "#8e6cc0", False),
     ("stage 1: ITC · ITM · ITG", "04", 0.40, 0.15, "#8e6cc0", False),
-    ("projection →\nsoft prompts", "05", 0.60, 0.55, "#3d8b5a", False),
-    ("LLM (SmolLM2),\nLoRA trains in 06", "05-06", 0.78, 0.55, "#34495e", True),
+    ("projection →\nsoft prompts", "05", 0.60, PATH_Y, "#3d8b5a", False),
+    ("LLM (SmolLM2),\nLoRA trains in 06", "05-06", 0.78, PATH_Y, "#34495e", True),
     ("attention maps,\nexplorer", "07", 0.40, 0.88, "#d08a2e", False),
 ]
 
@@ -504,9 +505,9 @@ def plot_course_map(ax=None):
         ax.text(x + width / 2, y - height / 2 + 0.025, f"notebook {notebook}" + (" · frozen" if frozen else ""),
                 ha="center", va="bottom", color="white", fontsize=9, style="italic")
     arrow = dict(arrowstyle="->", color="#555", lw=1.6)
-    chain = [b for b in COURSE_MAP if b[3] == 0.55]
+    chain = [b for b in COURSE_MAP if b[3] == PATH_Y]
     for a, b in zip(chain, chain[1:]):
-        ax.annotate("", xy=(b[2], 0.55), xytext=(a[2] + width, 0.55), arrowprops=arrow)
+        ax.annotate("", xy=(b[2], PATH_Y), xytext=(a[2] + width, PATH_Y), arrowprops=arrow)
     q = next(b for b in COURSE_MAP if b[1] == "03")
     for other in ("04", "07"):
         b = next(c for c in COURSE_MAP if c[1] == other)
