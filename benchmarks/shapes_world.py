@@ -29,7 +29,9 @@ import torch
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm, load_vision_encoder
 from vlmcourse.losses import itc_similarity
-from vlmcourse.recipes import CHAT_PROMPT, SHAPES_STAGE1, Stage1Recipe, Stage2Recipe, load_or_train_stage1, split_features, train_stage2
+from vlmcourse.features import split_features
+from vlmcourse.pipeline import load_or_train_stage1, train_stage2
+from vlmcourse.recipes import CHAT_PROMPT, SHAPES_STAGE1, Stage1Recipe, Stage2Recipe
 from vlmcourse.shapes import attention_on_objects, captioner_scores, itm_win_rates, scene_recall_at_1
 from vlmcourse.stage1 import Stage1Config, itc_features
 from vlmcourse.utils import peak_memory_mb

@@ -26,8 +26,9 @@ import torch
 from sweep import emit, sweep_parser
 
 from vlmcourse import get_profile
-from vlmcourse.recipes import (Stage1Recipe, captions_for, load_or_train_stage1, split_features, stage1_dir,
-                               train_stage1)
+from vlmcourse.features import captions_for, split_features
+from vlmcourse.pipeline import load_or_train_stage1, train_stage1
+from vlmcourse.recipes import Stage1Recipe, stage1_dir
 from vlmcourse.stage1 import itm_score_groups, query_diversity, retrieval
 from vlmcourse.viz import attention_entropy, cross_attention_maps
 

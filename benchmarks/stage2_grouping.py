@@ -28,10 +28,11 @@ import torch
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm, load_vision_encoder
 from vlmcourse.evaluate import evaluate_captions, mean_caption_loss
-from vlmcourse.lora import LoRACaptioner, LoraSettings
+from vlmcourse.lora import LoRACaptioner
 from vlmcourse.stage2 import BridgeConfig, PrecomputedConnector, SoftPromptCaptioner
-from vlmcourse.recipes import (CHAT_PROMPT, Stage2Recipe, bridge_config, captions_for, split_features, stage2_connector,
-                               train_stage2)
+from vlmcourse.features import captions_for, split_features
+from vlmcourse.pipeline import stage2_connector, train_stage2
+from vlmcourse.recipes import CHAT_PROMPT, LoraSettings, Stage2Recipe, bridge_config
 from vlmcourse.train import TrainConfig, caption_batches, make_optimizer
 from vlmcourse.utils import peak_memory_mb, show_table
 

@@ -24,7 +24,9 @@ from sweep import emit, sweep_parser
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm, load_vision_encoder
 from vlmcourse.evaluate import blank_image_features, evaluate_captions
-from vlmcourse.recipes import CHAT_PROMPT, Stage1Recipe, Stage2Recipe, captions_for, split_features, train_stage2
+from vlmcourse.features import captions_for, split_features
+from vlmcourse.pipeline import train_stage2
+from vlmcourse.recipes import CHAT_PROMPT, Stage1Recipe, Stage2Recipe
 
 CHAT = CHAT_PROMPT
 # an instruction with one example caption: the instruct LLM answers in that format and ends its turn with EOS

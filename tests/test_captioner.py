@@ -14,12 +14,13 @@ from safetensors import safe_open
 import vlmcourse
 from vlmcourse import evaluate as E
 from vlmcourse import lora as C
+from vlmcourse import pipeline
 from vlmcourse.backbones import load_llm, load_vision_encoder
 from vlmcourse.stage2 import IGNORE_INDEX, BridgeConfig, MeanPoolConnector, SoftPromptCaptioner
-from vlmcourse.lora import CaptionerRecipe, LoraSettings, LoRACaptioner
+from vlmcourse.lora import LoRACaptioner
 from vlmcourse.data import ImageLoadError
 from vlmcourse.metrics import caption_metrics
-from vlmcourse.recipes import Stage1Recipe, Stage2Recipe
+from vlmcourse.recipes import CaptionerRecipe, LoraSettings, Stage1Recipe, Stage2Recipe, captioner_dir
 from vlmcourse.stage1 import Stage1Config
 from vlmcourse.train import TrainConfig, train
 from vlmcourse.utils import cache_dir
@@ -67,7 +68,7 @@ def llm():
 @pytest.fixture(scope="module")
 def trained(world, llm):
     """The RECIPE captioner (stage-1 Q-Former + LoRA), trained for 3 steps and saved."""
-    model, result = C.train_captioner("tiny", RECIPE, llm=llm)
+    model, result = pipeline.train_captioner("tiny", RECIPE, llm=llm)
     model.save_pretrained(world["root"] / "model")
     return model, result, world["root"] / "model"
 
@@ -147,7 +148,7 @@ def test_captioners_with_other_connectors_share_one_llm(world, llm):
     sizes = {}
     for connector in ("meanpool", "linear"):
         recipe = CaptionerRecipe(connector=connector, lora=None, pooled=2, stage2=Stage2Recipe(steps=1, batch_size=4))
-        model, result = C.train_captioner("tiny", recipe, llm=llm)
+        model, result = pipeline.train_captioner("tiny", recipe, llm=llm)
         assert len(result.history) == 1 and model.lora is None
         assert {n for n, p in model.named_parameters() if p.requires_grad} == {"proj.weight", "proj.bias"}
         sizes[connector] = model.num_soft_tokens
@@ -176,7 +177,7 @@ def test_train_captioner_saves_bridge_and_lora_but_no_llm_weights(trained, llm):
 
 def test_training_without_the_dev_evaluation_trains_the_same_weights(trained, llm):
     model, result, _ = trained
-    quiet, quiet_result = C.train_captioner("tiny", RECIPE, llm=llm, eval_split=None)
+    quiet, quiet_result = pipeline.train_captioner("tiny", RECIPE, llm=llm, eval_split=None)
     assert quiet_result.evals == [] and len(quiet_result.history) == len(result.history)
     assert [r["loss"] for r in quiet_result.history] == [r["loss"] for r in result.history]
     x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))
@@ -184,12 +185,12 @@ def test_training_without_the_dev_evaluation_trains_the_same_weights(trained, ll
 
 
 def test_a_captioner_on_top_of_a_stage2_model_starts_from_its_qformer_and_projection(world, llm):
-    from vlmcourse.recipes import load_or_train_stage2
+    from vlmcourse.pipeline import load_or_train_stage2
 
     base_recipe = Stage2Recipe(steps=2, batch_size=4, warmup_steps=1, lr=1e-2, stage1=STAGE1)
     recipe = replace(RECIPE, base=base_recipe, stage2=replace(RECIPE.stage2, lr=0.0, freeze_qformer=True))
     base, _ = load_or_train_stage2("tiny", base_recipe, llm=llm)
-    model, _ = C.train_captioner("tiny", recipe, llm=llm, eval_split=None)      # lr 0: nothing moves
+    model, _ = pipeline.train_captioner("tiny", recipe, llm=llm, eval_split=None)      # lr 0: nothing moves
     assert torch.equal(model.proj.weight, base.proj.weight)
     assert torch.equal(model.connector.qformer.query_tokens, base.connector.qformer.query_tokens)
     assert recipe.key() != replace(recipe, base=None).key()
@@ -235,11 +236,11 @@ def test_loading_errors_are_clear(trained, llm, tmp_path):
 def test_load_or_train_captioner_trains_once(world, llm, monkeypatch):
     recipe = CaptionerRecipe(connector="meanpool", pooled=2, lora=LoraSettings(r=2, lora_alpha=4),
                              stage2=Stage2Recipe(steps=2, batch_size=4))
-    model, result = C.load_or_train_captioner("tiny", recipe, llm=llm)
-    path = C.captioner_dir(vlmcourse.get_profile("tiny"), recipe)
+    model, result = pipeline.load_or_train_captioner("tiny", recipe, llm=llm)
+    path = captioner_dir(vlmcourse.get_profile("tiny"), recipe)
     assert (path / "history.json").is_file() and not path.with_name(path.name + ".partial").exists()
-    monkeypatch.setattr(C, "train_captioner", lambda *a, **k: pytest.fail("retrained"))
-    again, history = C.load_or_train_captioner("tiny", recipe, llm=llm)
+    monkeypatch.setattr(pipeline, "train_captioner", lambda *a, **k: pytest.fail("retrained"))
+    again, history = pipeline.load_or_train_captioner("tiny", recipe, llm=llm)
     assert history.history == result.history
     x = torch.randn(2, 16, 32)
     assert torch.equal(again.first_token_probs(x), model.first_token_probs(x))

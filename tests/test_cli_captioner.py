@@ -7,8 +7,8 @@ import pytest
 from test_captioner import world  # noqa: F401  (the same colour photos and an empty cache)
 
 import vlmcourse
-from vlmcourse.__main__ import main
-from vlmcourse.lora import CLI_TRAINING_TIME, LoRACaptioner
+from vlmcourse.__main__ import CLI_TRAINING_TIME, main
+from vlmcourse.lora import LoRACaptioner
 
 
 @pytest.fixture(scope="module")

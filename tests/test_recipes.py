@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from vlmcourse import recipes
-from vlmcourse.recipes import Stage1Recipe, load_or_train_stage1
+from vlmcourse import pipeline, recipes
+from vlmcourse.pipeline import load_or_train_stage1
+from vlmcourse.recipes import Stage1Recipe
 from vlmcourse.stage1 import Stage1Config
 
 
@@ -17,7 +18,7 @@ def test_stage1_is_trained_once_then_handed_off(tiny_world, monkeypatch):
     model, result = load_or_train_stage1("tiny", recipe)
     assert len(result.history) == 4 and [e["step"] for e in result.evals] == [1, 3]
     assert {"itc", "itm", "itg", "loss"} <= set(result.history[0])
-    monkeypatch.setattr(recipes, "train_stage1", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(pipeline, "train_stage1", lambda *a, **k: pytest.fail("retrained"))
     again, history = load_or_train_stage1("tiny", recipe)
     assert history.history == result.history
     x = torch.randn(2, 16, 32)

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from vlmcourse import recipes
+from vlmcourse import pipeline, recipes
 from vlmcourse.backbones import load_llm
 from vlmcourse.stage2 import QFormerConnector
-from vlmcourse.recipes import Stage1Recipe, Stage2Recipe, load_or_train_stage1, load_or_train_stage2, stage2_dir
+from vlmcourse.pipeline import load_or_train_stage1, load_or_train_stage2
+from vlmcourse.recipes import Stage1Recipe, Stage2Recipe, stage2_dir
 from vlmcourse.stage1 import Stage1Config
 from vlmcourse.utils import cache_dir
 
@@ -63,7 +64,7 @@ def test_stage2_is_trained_once_saved_without_the_llm_and_reloaded(tiny_world, m
     assert not any("llm" in n or "lm_head" in n and "qformer" not in n for n in names)   # no LLM weights
     assert json.loads((path / "recipe.json").read_text())["stage1"]["steps"] == 2
 
-    monkeypatch.setattr(recipes, "train_stage2", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(pipeline, "train_stage2", lambda *a, **k: pytest.fail("retrained"))
     again, history = load_or_train_stage2("tiny", RECIPE)
     assert history.history == result.history and history.evals == result.evals
     x = torch.randn(2, 16, 32)
@@ -73,7 +74,7 @@ def test_stage2_is_trained_once_saved_without_the_llm_and_reloaded(tiny_world, m
 
 def test_fine_tuned_qformer_moves_and_a_fresh_one_starts_from_the_same_projection(tiny_world):
     stage1, _ = load_or_train_stage1("tiny", STAGE1)
-    tuned, result = recipes.train_stage2("tiny", replace(RECIPE, freeze_qformer=False, steps=2))
+    tuned, result = pipeline.train_stage2("tiny", replace(RECIPE, freeze_qformer=False, steps=2))
     assert all(p.requires_grad for p in tuned.connector.parameters()) and len(result.history) == 2
     assert any(not torch.equal(p, tuned.connector.qformer.state_dict()[n])
                for n, p in stage1.qformer.state_dict().items())
@@ -81,8 +82,8 @@ def test_fine_tuned_qformer_moves_and_a_fresh_one_starts_from_the_same_projectio
     fresh = replace(RECIPE, stage1=None, steps=1, lr=0.0)
     assert stage2_dir(recipes.get_profile("tiny"), fresh) != stage2_dir(recipes.get_profile("tiny"), RECIPE)
     llm = load_llm("tiny")
-    model, _ = recipes.train_stage2("tiny", fresh, llm=llm)
-    handed, _ = recipes.train_stage2("tiny", replace(RECIPE, steps=1, lr=0.0), llm=llm)
+    model, _ = pipeline.train_stage2("tiny", fresh, llm=llm)
+    handed, _ = pipeline.train_stage2("tiny", replace(RECIPE, steps=1, lr=0.0), llm=llm)
     assert model.num_soft_tokens == handed.num_soft_tokens == 4
     assert torch.equal(model.proj.weight, handed.proj.weight)     # same seed: only the Q-Former differs
     assert not torch.equal(model.connector.qformer.query_tokens, handed.connector.qformer.query_tokens)
@@ -97,7 +98,7 @@ def test_recipe_key_follows_the_stage1_recipe():
 def test_a_fresh_qformer_takes_the_recipes_dropout_and_its_key_follows(tiny_world):
     for dropout, expected in ((0.0, 0.0), (None, 0.1)):     # None keeps BERT's own
         recipe = replace(RECIPE, stage1=None, qformer_dropout=dropout)
-        connector, _ = recipes.stage2_connector(recipes.get_profile("tiny"), recipe)
+        connector, _ = pipeline.stage2_connector(recipes.get_profile("tiny"), recipe)
         config = connector.qformer.config
         assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == expected
     assert replace(RECIPE, stage1=None, qformer_dropout=None).key() != replace(RECIPE, stage1=None).key()
@@ -110,11 +111,11 @@ def test_the_projection_learns_at_its_own_multiple_of_the_learning_rate(tiny_wor
 
     profile = recipes.get_profile("tiny")
     r = replace(RECIPE, stage1=None, freeze_qformer=False, proj_lr_scale=0.0)
-    connector, width = recipes.stage2_connector(profile, r)
+    connector, width = pipeline.stage2_connector(profile, r)
     model = SoftPromptCaptioner(connector, width, load_llm(profile), recipes.bridge_config(r))
     proj = model.proj.weight.detach().clone()
     qformer = {n: p.detach().clone() for n, p in model.connector.named_parameters()}
-    recipes.fit_captioner(model, profile, r, eval_split=None)
+    pipeline.fit_captioner(model, profile, r, eval_split=None)
     assert torch.equal(model.proj.weight, proj)
     assert any(not torch.equal(p, qformer[n]) for n, p in model.connector.named_parameters())
 
@@ -129,7 +130,7 @@ def test_metrics_of_a_frozen_qformer_run_see_image_features(tiny_world):
         seen.append(type(m.connector).__name__)
         return {"captions": len(m.generate(dev_x, max_new_tokens=2))}
 
-    model, result = recipes.train_stage2("tiny", replace(RECIPE, eval_every=2), metrics=metrics)
+    model, result = pipeline.train_stage2("tiny", replace(RECIPE, eval_every=2), metrics=metrics)
     assert seen == ["QFormerConnector", "QFormerConnector"]                      # every evaluation, real connector
     assert [e["captions"] for e in result.evals] == [2, 2]
     assert isinstance(model.connector, QFormerConnector)

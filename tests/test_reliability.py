@@ -17,11 +17,11 @@ from vlmcourse import features, recipes
 from vlmcourse.__main__ import main
 from vlmcourse.backbones import load_llm, load_vision_encoder
 from vlmcourse.stage2 import MeanPoolConnector, SoftPromptCaptioner
-from vlmcourse.lora import ADAPTER_FILE, CaptionerRecipe, LoraSettings, LoRACaptioner, ModelFolderError
+from vlmcourse.lora import ADAPTER_FILE, LoRACaptioner, ModelFolderError
 from vlmcourse.data import CaptionFormatError, Flickr8k, ImageLoadError, load_image, read_annotations
 from vlmcourse.doctor import doctor
 from vlmcourse.features import cache_features
-from vlmcourse.recipes import Stage2Recipe, save_trained
+from vlmcourse.recipes import CaptionerRecipe, LoraSettings, Stage2Recipe, save_trained
 from vlmcourse.train import TrainResult
 from vlmcourse.utils import cache_dir
 

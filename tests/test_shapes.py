@@ -116,7 +116,9 @@ def test_captions_are_read_back_and_hard_negatives_differ_in_one_attribute():
 def test_the_recipes_run_on_shapes_through_the_profile(tmp_cache):
     """A profile with data="shapes": the feature cache and stage 1 run unchanged, in their own model folder."""
     from vlmcourse import get_profile, recipes
-    from vlmcourse.recipes import Stage1Recipe, load_or_train_stage1, split_features
+    from vlmcourse.features import split_features
+    from vlmcourse.pipeline import load_or_train_stage1
+    from vlmcourse.recipes import Stage1Recipe
     from vlmcourse.stage1 import Stage1Config
 
     profile = get_profile("tiny", data="shapes")

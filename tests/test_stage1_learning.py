@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from vlmcourse import losses as L
-from vlmcourse import recipes
+from vlmcourse import pipeline
 from vlmcourse.backbones import load_text_encoder
-from vlmcourse.lora import CaptionerRecipe
 from vlmcourse.qformer import QFormer, QFormerConfig
-from vlmcourse.recipes import Stage1Recipe, Stage2Recipe
+from vlmcourse.recipes import CaptionerRecipe, Stage1Recipe, Stage2Recipe
 from vlmcourse.stage1 import Stage1Config, Stage1Model, init_cross_attention, query_diversity
 from vlmcourse.train import make_optimizer
 from vlmcourse.viz import attention_entropy, cross_attention_maps
@@ -113,7 +112,7 @@ def test_train_stage1_gives_the_new_parameters_their_lr_scale(flickr_dir, tmp_pa
     monkeypatch.setenv("VLMCOURSE_DATA", str(flickr_dir))
     monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path / "cache"))
     seen = {}
-    real_train = recipes.train
+    real_train = pipeline.train
 
     def spy(model, batches, loss_fn, config, **kwargs):
         seen["optimizer"] = make_optimizer(model, config)
@@ -121,10 +120,10 @@ def test_train_stage1_gives_the_new_parameters_their_lr_scale(flickr_dir, tmp_pa
         seen["prefixes"] = model.new_parameter_prefixes()
         return real_train(model, batches, loss_fn, config, **kwargs)
 
-    monkeypatch.setattr(recipes, "train", spy)
+    monkeypatch.setattr(pipeline, "train", spy)
     recipe = Stage1Recipe(steps=2, batch_size=4, eval_every=0, new_lr_scale=10.0,
                           model=Stage1Config(num_query_tokens=4))
-    recipes.train_stage1("tiny", recipe)
+    pipeline.train_stage1("tiny", recipe)
     lr_of = {seen["names"][id(p)]: g["lr_scale"] * recipe.lr for g in seen["optimizer"].param_groups
              for p in g["params"]}
     for name, lr in lr_of.items():

@@ -199,7 +199,8 @@ GROUPED = [["a dog runs", "a brown dog runs on the grass"], ["a red car"],
 
 def lora_captioner(llm, qformer=True):
     """A Q-Former (trainable) -> projection -> LLM + LoRA captioner: every kind of trainable weight stage 2 has."""
-    from vlmcourse.lora import LoRACaptioner, LoraSettings
+    from vlmcourse.lora import LoRACaptioner
+    from vlmcourse.recipes import LoraSettings
 
     torch.manual_seed(0)
     config = QFormerConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from . import profiles     # profiles.hub_reachable looked up at call time: the tests' Hub fakes replace it
 from .profiles import as_profile
 from .utils import atomic_dir, cache_dir, progress_bar
 
@@ -448,10 +449,8 @@ def _load_hub_split(dataset_id: str, split: str):
     datasets cache, so a second call reads the disk); a HubUnavailableError naming the cpu profile when offline."""
     import datasets
 
-    from .profiles import hub_reachable, hub_unavailable
-
-    if not hub_reachable():
-        raise hub_unavailable(f"the dataset {dataset_id}")
+    if not profiles.hub_reachable():
+        raise profiles.hub_unavailable(f"the dataset {dataset_id}")
     return datasets.load_dataset(dataset_id, split=HUB_SPLITS[split])
 
 
@@ -561,9 +560,7 @@ def load_flickr8k(split: str = "train", profile=None, transform=None, root=None,
             try:
                 root = find_data_root()
             except DataNotFoundError as error:
-                from .profiles import hub_reachable
-
-                if not hub_reachable():
+                if not profiles.hub_reachable():
                     raise DataNotFoundError(f"{error}\n(The Hugging Face Hub is not reachable either, so no "
                                             f"subset could be downloaded.)") from None
                 print(f"No Flickr8k folder found: downloading an 800-photo subset of {HUB_DATASET} from the "

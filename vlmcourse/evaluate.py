@@ -20,11 +20,10 @@ from PIL import Image
 from torch import nn
 
 from .backbones import load_vision_encoder
-from .features import patch_tokens
+from .features import captions_for, patch_tokens, split_features
 from .lora import LoRACaptioner
 from .metrics import caption_metrics, caption_stats, normalize_caption
 from .profiles import Profile, as_profile
-from .recipes import captions_for, split_features
 from .stage2 import GENERATION_BATCH, SoftPromptCaptioner
 
 

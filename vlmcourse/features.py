@@ -22,7 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from .data import collate
+from .backbones import load_vision_encoder
+from .data import collate, load_flickr8k
+from .profiles import Profile
 from .utils import cache_dir, in_batches, progress_bar
 
 
@@ -204,3 +206,16 @@ def cache_caption_features(text_encoder, dataset, image_ids: Sequence[str] | Non
     _save_atomic({"captions": features.contiguous()}, path)
     return features
 
+
+def split_features(profile: Profile, split: str, vision=None, root=None):
+    """(FeatureSet, dataset) for a split, with the image features cached on disk; ``root``: the data folder
+    (default: data.find_data_root's search)."""
+    vision = vision or load_vision_encoder(profile)
+    dataset = load_flickr8k(split, profile, transform=vision.transform, root=root)
+    return cache_features(vision, dataset), dataset
+
+
+def captions_for(feats: FeatureSet, dataset) -> list[list[str]]:
+    """The captions of each feature row (rows of unreadable photos are absent from feats)."""
+    by_id = dict(zip(dataset.image_ids, dataset.captions))
+    return [by_id[i] for i in feats.image_ids]

@@ -1,9 +1,9 @@
-"""The captioner of notebook 06: stage 2 plus LoRA on the LLM, how it is trained and saved, and a one-call API.
+"""The captioner of notebook 06: stage 2 plus LoRA on the LLM, how it is saved, and a one-call API.
 
     connector (Q-Former | mean-pooled patches | all patches) -> projection -> LLM (+ LoRA)
 
 Stage 2 alone keeps the LLM frozen: the soft prompts must say everything. LoRA
-(``LoraSettings``) also lets the LLM's attention adapt to them, training low-rank
+(``recipes.LoraSettings``) also lets the LLM's attention adapt to them, training low-rank
 updates (1.8M weights at r=16, 1.4% of SmolLM2-135M) and leaving the LLM's own untouched. The base LLM is
 shared, never copied: ``LoRACaptioner`` injects its adapters into a module tree of
 its own over the same weight tensors (``shared_copy``), so several captioners
@@ -12,14 +12,15 @@ its own over the same weight tensors (``shared_copy``), so several captioners
 Saved models (``LoRACaptioner.save_pretrained``) hold the connector, the projection
 and the LoRA weights as safetensors, and a config.json; the LLM comes from the
 profile. ``vlmcourse.caption(images, model_dir)`` captions photos in one call.
-Its evaluation, baselines and diagnostics are in evaluate.py.
+Its recipe (``CaptionerRecipe``) is in recipes.py, its training in pipeline.py
+(``train_captioner``), its evaluation, baselines and diagnostics in evaluate.py.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,127 +33,14 @@ from .backbones import load_llm, load_vision_encoder
 from .data import load_image, to_rgb
 from .features import patch_tokens
 from .profiles import Profile, as_profile
-from .recipes import (Recipe, Stage1Recipe, Stage2Recipe, bridge_config, fit_captioner, load_or_train_stage2,
-                      profile_tag, save_trained, stage2_connector)
-from .stage2 import MeanPoolConnector, PatchConnector, SoftPromptCaptioner
-from .stage1 import Stage1Config
-from .train import TrainResult
-from .utils import cache_dir, seed_everything
+from .recipes import CaptionerRecipe, LoraSettings
+from .stage2 import SoftPromptCaptioner
 
-# How long ``python -m vlmcourse train captioner`` takes with CaptionerRecipe.cli_default() (shown in --help).
-CLI_TRAINING_TIME = ("about 25 minutes on a quiet 2-core CPU with bf16 (AVX512-BF16 or AMX; measured before the latest "
-                     "speed-ups), about 45 on one without (AVX2 only: float32; measured: 2707 and 2680 s for seeds 0 and 1)")
 ADAPTER_FILE = "adapter_model.safetensors"     # PEFT's name for the LoRA weights
 MODEL_FILE = "model.safetensors"               # connector and projection (SoftPromptCaptioner.save_pretrained)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # What every captioner's config.json holds (LoRACaptioner.save_pretrained); "lora" is null without LoRA.
 CAPTIONER_KEYS = ("bridge", "connector", "connector_size", "llm", "lora")
-CONNECTORS = ("qformer", "meanpool", "linear")
-# LoRA settings of notebook 06's ablation rows (and the command line), chosen on the dev split (40 steps, one seed):
-# with LoRA the LLM itself adapts, so the stage-1 Q-Former stays frozen (its outputs are computed once) and lr 1e-3
-# trains a fresh projection and the adapters.
-NOTEBOOK_STAGE2 = Stage2Recipe(freeze_qformer=True, lr=1e-3, proj_lr_scale=1.0)
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adds ``B @ A`` (rank ``r``) to each target weight, scaled by ``lora_alpha / r``: the rank bounds what
-    can change, alpha how strongly. Targets: the attention projections of a Llama-type LLM (SmolLM2)."""
-
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0   # peft's usual 0.05 costs a tenth of a CPU step and a 40-step run does not overfit
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoraSettings":
-        return cls(**{**d, "target_modules": tuple(d["target_modules"])})
-
-    def to_peft(self):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=list(self.target_modules))
-
-
-@dataclass
-class CaptionerRecipe(Recipe):
-    """A captioner: which connector, LoRA or not, and the stage-2 training settings (``stage2``; its
-    ``stage1`` recipe gives the Q-Former when ``connector="qformer"``).
-
-    - ``connector``: "qformer" (BLIP-2), "meanpool" (the patch grid average-pooled to ``pooled`` x ``pooled``
-      tokens) or "linear" (LLaVA: every patch token, through the linear projection).
-    - ``padding``: the bridge's label layout; "left_unmasked" and "mask_by_pad_id" reproduce the classic
-      mistakes (see stage2.py), "right" is the fix.
-    - ``base``: a stage-2 model to start from (``load_or_train_stage2``; notebook 05's): its trained Q-Former
-      and projection, which ``stage2``'s settings then train further. None: the stage-1 Q-Former of
-      ``stage2.stage1`` (or a mean-pool/linear connector) and a fresh projection.
-    """
-
-    connector: str = "qformer"
-    lora: LoraSettings | None = field(default_factory=LoraSettings)
-    stage2: Stage2Recipe = field(default_factory=Stage2Recipe)
-    pooled: int = 4
-    padding: str = "right"
-    base: Stage2Recipe | None = None
-
-    def __post_init__(self):
-        if self.connector not in CONNECTORS:
-            raise ValueError(f"unknown connector {self.connector!r}: choose one of {CONNECTORS}")
-        if self.base is not None and self.connector != "qformer":
-            raise ValueError(f"a stage-2 base model has a Q-Former connector, not {self.connector!r}")
-        if self.base is not None and self.base.prompt != self.stage2.prompt:
-            raise ValueError("the base stage-2 model was trained with another prompt than stage2.prompt")
-
-    def bridge_config(self):
-        return replace(bridge_config(self.stage2), padding=self.padding)
-
-    @classmethod
-    def cli_default(cls) -> "CaptionerRecipe":
-        """The settings of ``python -m vlmcourse train captioner``: a longer run than the notebooks can afford
-        (``CLI_TRAINING_TIME``): LoRA and a fresh projection (``NOTEBOOK_STAGE2``) trained 460 steps of 16 captions
-        on a stage-1 Q-Former trained 120 steps (notebook 04's recipe, longer; reused from the cache when present)."""
-        stage1 = replace(Stage1Recipe(), steps=120)
-        return cls(connector="qformer", lora=LoraSettings(),
-                   stage2=replace(NOTEBOOK_STAGE2, steps=460, warmup_steps=20, batch_size=16, stage1=stage1))
-
-    def with_overrides(self, steps: int | None = None, seed: int | None = None,
-                       stage1_steps: int | None = None) -> "CaptionerRecipe":
-        """A copy with the stage-2 (+ LoRA) steps, the seed of both stages, or the stage-1 steps replaced
-        (None keeps the value)."""
-        stage2, stage1 = self.stage2, self.stage2.stage1
-        if stage1 is not None:
-            stage1 = replace(stage1, **_given(seed=seed, steps=stage1_steps))
-        return replace(self, stage2=replace(stage2, stage1=stage1, **_given(seed=seed, steps=steps)))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CaptionerRecipe":
-        """The recipe ``asdict(recipe)`` (as saved in config.json) describes."""
-        def stage2_recipe(r: dict) -> Stage2Recipe:
-            r = {"proj_lr_scale": 1.0, **r}        # saved before the field existed: trained at 1x
-            if r.get("stage1"):
-                stage1 = dict(r["stage1"])
-                model = {**stage1["model"], "losses": tuple(stage1["model"]["losses"])}
-                r["stage1"] = Stage1Recipe(**{**stage1, "model": Stage1Config(**model)})
-            return Stage2Recipe(**r)
-
-        lora = LoraSettings.from_dict(d["lora"]) if d.get("lora") else None
-        base = stage2_recipe(d["base"]) if d.get("base") else None
-        return cls(**{**d, "lora": lora, "stage2": stage2_recipe(d["stage2"]), "base": base})
-
-
-# Notebook 06's captioner: LoRA on top of one of notebook 05's two stage-2 models (its Q-Former frozen, its projection
-# trained further), 40 steps of 8 at lr 3e-4. Chosen on the dev split (one seed each; CIDEr-D against the same model
-# shown a blank photo): on the stage-2 model whose Q-Former started fresh from BERT 0.133 vs 0.044, on the one that
-# started from notebook 04's stage-1 Q-Former 0.045 vs 0.039 (the stage-2 models alone: 0.092 vs 0.069, 0.014 vs 0.022).
-NOTEBOOK_CAPTIONER = CaptionerRecipe(connector="qformer", lora=LoraSettings(), base=Stage2Recipe(stage1=None),
-                                     stage2=replace(NOTEBOOK_STAGE2, lr=3e-4))
-
-
-def _given(**values) -> dict:
-    return {k: v for k, v in values.items() if v is not None}
-
-
 # ----------------------------------------------------------------------------- the model
 def shared_copy(model: nn.Module) -> nn.Module:
     """A new module tree over the *same* weight tensors (no weight is copied).
@@ -312,60 +200,6 @@ def read_config(path) -> dict:
     for name in sorted(expected):
         check_weights(path, name)
     return config
-
-
-def build_connector(profile: Profile, recipe: CaptionerRecipe, vision) -> tuple[nn.Module, int]:
-    """(connector, its output width) for ``recipe.connector``."""
-    if recipe.connector == "qformer":
-        return stage2_connector(profile, recipe.stage2, vision)
-    if recipe.connector == "meanpool":
-        return MeanPoolConnector(vision.grid_size, recipe.pooled), vision.hidden_size
-    return PatchConnector(vision.num_patches), vision.hidden_size
-
-
-def train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecipe | None = None, llm=None,
-                    eval_split: str | None = "dev") -> tuple[LoRACaptioner, TrainResult]:
-    """Train a captioner on cached image features of the train split (stage 2's loop, ``recipes.fit_captioner``),
-    with the ``eval_split`` caption loss at the end (None: no evaluation). ``llm`` (``load_llm(profile)``) is
-    shared, not modified."""
-    profile, recipe = as_profile(profile), recipe or CaptionerRecipe()
-    vision = load_vision_encoder(profile)
-    llm = llm or load_llm(profile)
-    base = None
-    if recipe.base is not None:
-        base, _ = load_or_train_stage2(profile, recipe.base, llm=llm)
-        connector, width = base.connector, base.proj.in_features
-        for p in connector.parameters():
-            p.requires_grad_(not recipe.stage2.freeze_qformer)
-    else:
-        connector, width = build_connector(profile, recipe, vision)
-    seed_everything(recipe.stage2.seed)
-    model = LoRACaptioner(connector, width, llm, recipe.bridge_config(), lora=recipe.lora)
-    if base is not None:
-        model.proj.load_state_dict(base.proj.state_dict())      # stage 2's projection, trained further
-    model.recipe, model.profile_name, model.vision_name = recipe, profile.name, vision.name
-    result = fit_captioner(model, profile, recipe.stage2, eval_split, vision, desc="captioner")
-    return model.eval(), result
-
-
-def captioner_dir(profile: Profile, recipe: CaptionerRecipe) -> Path:
-    return cache_dir("models") / f"captioner-{profile_tag(profile)}-{recipe.key()}"
-
-
-def load_or_train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecipe | None = None,
-                            retrain: bool = False, llm=None, eval_split: str | None = "dev"
-                            ) -> tuple[LoRACaptioner, TrainResult]:
-    """The captioner of this recipe: loaded from ``captioner_dir`` if it was trained before, else trained (with
-    the ``eval_split`` caption loss at the end; None skips it, e.g. for runs only scored by their captions) and
-    saved there (written aside, then renamed)."""
-    profile, recipe = as_profile(profile), recipe or CaptionerRecipe()
-    path = captioner_dir(profile, recipe)
-    if (path / "config.json").is_file() and (path / "history.json").is_file() and not retrain:
-        history = json.loads((path / "history.json").read_text())
-        return LoRACaptioner.from_pretrained(path, llm, profile), TrainResult(**history)
-    model, result = train_captioner(profile, recipe, llm, eval_split)
-    save_trained(model, recipe, result, path, check=False)   # our cache folder
-    return model, result
 
 
 # ----------------------------------------------------------------------------- the one-call API

@@ -1,23 +1,22 @@
-"""The course's training recipes, in one place, and the hand-off between notebooks.
+"""The course's training recipes, in one place: what each stage trains, and the folder its model is cached in.
 
-Each stage is trained once and saved under ``$VLMCOURSE_CACHE/models``, keyed
-by the profile and the recipe: a later notebook (or a re-run) loads it in a
-second instead of retraining, and a changed recipe trains a new one.
+A recipe is a small dataclass; its ``key()`` (a hash of every setting) names the folder under
+``$VLMCOURSE_CACHE/models`` where pipeline.py saves the model it trained, so a later notebook (or a re-run) finds
+it, and a changed recipe trains a new one. ``save_trained`` writes such a folder. No training code lives here.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
-from .backbones import load_text_encoder, load_vision_encoder
-from .data import load_flickr8k
-from .features import cache_features
+from .distributed import is_main_process
 from .profiles import Profile, as_profile, get_profile
-from .stage1 import Stage1Config, Stage1Model, retrieval
-from .train import TrainConfig, TrainResult, caption_batches, train
-from .utils import atomic_dir, cache_dir, seed_everything
+from .stage1 import Stage1Config
+from .stage2 import BridgeConfig
+from .train import TrainResult
+from .utils import atomic_dir, cache_dir
 
 
 class Recipe:
@@ -69,48 +68,6 @@ def recipe_key(recipe) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def split_features(profile: Profile, split: str, vision=None, root=None):
-    """(FeatureSet, dataset) for a split, with the image features cached on disk; ``root``: the data folder
-    (default: data.find_data_root's search)."""
-    vision = vision or load_vision_encoder(profile)
-    dataset = load_flickr8k(split, profile, transform=vision.transform, root=root)
-    return cache_features(vision, dataset), dataset
-
-
-def captions_for(feats, dataset) -> list[list[str]]:
-    """The captions of each feature row (rows of unreadable photos are absent from feats)."""
-    by_id = dict(zip(dataset.image_ids, dataset.captions))
-    return [by_id[i] for i in feats.image_ids]
-
-
-def train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | None = None,
-                 eval_split: str = "dev") -> tuple[Stage1Model, TrainResult]:
-    """Stage 1 on cached image features of the train split, with Recall@5 on ``eval_split`` as it goes."""
-    profile = as_profile(profile)
-    recipe = recipe or Stage1Recipe()
-    vision = load_vision_encoder(profile)
-    train_feats, train_ds = split_features(profile, "train", vision)
-    eval_feats, eval_ds = split_features(profile, eval_split, vision)
-    eval_captions = captions_for(eval_feats, eval_ds)
-    seed_everything(recipe.seed)
-    model = Stage1Model.from_text_encoder(load_text_encoder(profile), vision.hidden_size, vision.num_patches,
-                                          recipe.model)
-
-    def eval_fn(m):
-        r = retrieval(m, eval_feats.features, eval_captions, ks=(5,))
-        return {f"{eval_split}_i2t_r5": r["image->text"][5], f"{eval_split}_t2i_r5": r["text->image"][5]}
-
-    # where other photos' captions can fit a photo (the shapes world), they count as matches, not negatives
-    batches = caption_batches(train_feats.features, captions_for(train_feats, train_ds), train_feats.image_ids,
-                              recipe.batch_size, fits=getattr(train_ds, "fits", None))
-    lr_scales = {} if recipe.new_lr_scale == 1 else dict.fromkeys(model.new_parameter_prefixes(), recipe.new_lr_scale)
-    lr_scales.update(recipe.lr_scales)
-    config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
-                         eval_every=recipe.eval_every, desc="stage 1", lr_scales=lr_scales)
-    result = train(model, batches, lambda m, b: m(**b), config, eval_fn=eval_fn)
-    return model, result
-
-
 def profile_tag(profile: Profile) -> str:
     """The profile as cached model folders name it: models trained on the shapes world (``data="shapes"``) are
     told apart from the same recipe trained on Flickr8k."""
@@ -119,20 +76,6 @@ def profile_tag(profile: Profile) -> str:
 
 def stage1_dir(profile: Profile, recipe: Stage1Recipe) -> Path:
     return cache_dir("models") / f"stage1-{profile_tag(profile)}-{recipe.key()}"
-
-
-def load_or_train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | None = None,
-                         retrain: bool = False) -> tuple[Stage1Model, TrainResult]:
-    """The stage-1 model of this recipe: loaded if it was trained before, else trained and saved."""
-    profile = as_profile(profile)
-    recipe = recipe or Stage1Recipe()
-    path = stage1_dir(profile, recipe)
-    if (path / "model.safetensors").is_file() and (path / "history.json").is_file() and not retrain:
-        history = json.loads((path / "history.json").read_text())
-        return Stage1Model.from_pretrained(path).to(profile.device), TrainResult(**history)
-    model, result = train_stage1(profile, recipe)
-    save_trained(model, recipe, result, path, check=False)   # our cache folder
-    return model, result
 
 
 def shapes_profile(profile: Profile | str | None = None) -> Profile:
@@ -188,121 +131,124 @@ class Stage2Recipe(Recipe):
     image_positions: str = field(default="zeros", metadata={"key": "if_changed"})   # a fresh Q-Former's adapter
 
 
-def bridge_config(recipe: Stage2Recipe):
+def bridge_config(recipe: Stage2Recipe) -> BridgeConfig:
     """The ``BridgeConfig`` (prompt, caption length, caption cleaning) of a stage-2 recipe."""
-    from .stage2 import BridgeConfig
-
     return BridgeConfig(recipe.prompt, recipe.max_caption_tokens, recipe.clean_captions)
-
-
-def stage2_connector(profile: Profile, recipe: Stage2Recipe, vision=None):
-    """(QFormerConnector, its width): the stage-1 Q-Former of ``recipe.stage1``, or a fresh one."""
-    from .stage2 import QFormerConnector
-
-    if recipe.stage1 is not None:
-        stage1, _ = load_or_train_stage1(profile, recipe.stage1)
-    else:
-        vision = vision or load_vision_encoder(profile)
-        seed_everything(recipe.seed)
-        stage1 = Stage1Model.from_text_encoder(load_text_encoder(profile), vision.hidden_size, vision.num_patches,
-                                               Stage1Config(num_query_tokens=recipe.num_query_tokens,
-                                                            dropout=recipe.qformer_dropout,
-                                                            image_positions=recipe.image_positions))
-    connector = QFormerConnector(stage1.qformer, stage1.image_adapter).to(profile.device)
-    for p in connector.parameters():
-        p.requires_grad_(not recipe.freeze_qformer)
-    return connector, stage1.qformer.config.hidden_size
-
-
-def train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | None = None, eval_split: str = "dev",
-                 llm=None, metrics=None):
-    """Stage 2 on cached image features of the train split; the dev caption loss at the end (and every
-    ``recipe.eval_every`` steps). Returns (SoftPromptCaptioner, TrainResult)."""
-    from .backbones import load_llm
-    from .stage2 import SoftPromptCaptioner
-
-    profile = as_profile(profile)
-    recipe = recipe or Stage2Recipe()
-    vision = load_vision_encoder(profile)
-    connector, width = stage2_connector(profile, recipe, vision)
-    llm = llm or load_llm(profile)
-    seed_everything(recipe.seed)       # the same projection init with or without stage 1
-    captioner = SoftPromptCaptioner(connector, width, llm, bridge_config(recipe))
-    result = fit_captioner(captioner, profile, recipe, eval_split, vision, metrics=metrics)
-    return captioner.eval(), result
-
-
-def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split: str | None = "dev", vision=None,
-                  desc: str = "stage 2", metrics=None) -> TrainResult:
-    """Train a ``SoftPromptCaptioner`` (whatever of it requires grad) with the recipe's optimisation settings,
-    on cached image features of the train split; the ``eval_split`` caption loss (first caption of each photo)
-    at the end (and every ``recipe.eval_every`` steps; None: never). Shared by stage 2 and the LoRA captioner
-    (lora.py). ``metrics(model) -> {name: value}`` adds measures of the caller's to each evaluation (e.g.
-    caption accuracy on the shapes world; a frozen connector is then swapped for its precomputed outputs)."""
-    from contextlib import nullcontext
-
-    from .evaluate import mean_caption_loss
-    from .stage2 import PrecomputedConnector
-
-    vision = vision or load_vision_encoder(profile)
-    train_feats, train_ds = split_features(profile, "train", vision)
-    train_x, swap, connector = train_feats.features, nullcontext(), captioner.connector
-    frozen = not any(p.requires_grad for p in connector.parameters())
-    if frozen:
-        # A frozen connector gives each photo the same outputs at every step: compute them once.
-        train_x = captioner.connector_outputs(train_x)
-        swap = captioner.using_connector(PrecomputedConnector(*train_x.shape[1:]))
-    eval_fn = None
-    if eval_split is not None:
-        eval_feats, eval_ds = split_features(profile, eval_split, vision)
-        eval_x = captioner.connector_outputs(eval_feats.features) if frozen else eval_feats.features
-        # The first caption of each photo: a fifth of the cost of all five, and the same ones every evaluation.
-        eval_captions = [caps[0] for caps in captions_for(eval_feats, eval_ds)]
-
-        def eval_fn(m):
-            scores = {f"{eval_split}_loss": mean_caption_loss(m, eval_x, eval_captions)}
-            if metrics:
-                with m.using_connector(connector):     # the caller's measures take image features, as after training
-                    scores.update(metrics(m))
-            return scores
-
-    batches = caption_batches(train_x, captions_for(train_feats, train_ds), train_feats.image_ids, recipe.batch_size,
-                              recipe.captions_per_image)
-    config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
-                         eval_every=recipe.eval_every, desc=desc,
-                         lr_scales={**({"proj.": recipe.proj_lr_scale} if recipe.proj_lr_scale != 1 else {}),
-                                    **recipe.lr_scales})
-    with swap:
-        return train(captioner, batches, lambda m, b: {"loss": m(b["image_embeds"], b["captions"])}, config,
-                     eval_fn=eval_fn)
 
 
 def stage2_dir(profile: Profile, recipe: Stage2Recipe) -> Path:
     return cache_dir("models") / f"stage2-{profile_tag(profile)}-{recipe.key()}"
 
 
-def load_or_train_stage2(profile: Profile | str | None = None, recipe: Stage2Recipe | None = None,
-                         retrain: bool = False, llm=None, metrics=None):
-    """The stage-2 captioner of this recipe: loaded if it was trained before, else trained and saved.
+# ----------------------------------------------------------------------------- the LoRA captioner (notebook 06)
+CONNECTORS = ("qformer", "meanpool", "linear")
+# LoRA settings of notebook 06's ablation rows (and the command line), chosen on the dev split (40 steps, one seed):
+# with LoRA the LLM itself adapts, so the stage-1 Q-Former stays frozen (its outputs are computed once) and lr 1e-3
+# trains a fresh projection and the adapters.
+NOTEBOOK_STAGE2 = Stage2Recipe(freeze_qformer=True, lr=1e-3, proj_lr_scale=1.0)
 
-    The folder (``stage2_dir``) holds model.safetensors and config.json (every weight but the frozen
-    LLM's, see ``SoftPromptCaptioner.save_pretrained``), recipe.json and history.json. Returns
-    (SoftPromptCaptioner, TrainResult); ``llm`` reuses an LLM already loaded for this profile; ``metrics`` (see
-    ``fit_captioner``) are measured at each evaluation of a training run and saved with its history.
+
+@dataclass
+class LoraSettings:
+    """LoRA adds ``B @ A`` (rank ``r``) to each target weight, scaled by ``lora_alpha / r``: the rank bounds what
+    can change, alpha how strongly. Targets: the attention projections of a Llama-type LLM (SmolLM2)."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0   # peft's usual 0.05 costs a tenth of a CPU step and a 40-step run does not overfit
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraSettings":
+        return cls(**{**d, "target_modules": tuple(d["target_modules"])})
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=list(self.target_modules))
+
+
+@dataclass
+class CaptionerRecipe(Recipe):
+    """A captioner: which connector, LoRA or not, and the stage-2 training settings (``stage2``; its
+    ``stage1`` recipe gives the Q-Former when ``connector="qformer"``).
+
+    - ``connector``: "qformer" (BLIP-2), "meanpool" (the patch grid average-pooled to ``pooled`` x ``pooled``
+      tokens) or "linear" (LLaVA: every patch token, through the linear projection).
+    - ``padding``: the bridge's label layout; "left_unmasked" and "mask_by_pad_id" reproduce the classic
+      mistakes (see stage2.py), "right" is the fix.
+    - ``base``: a stage-2 model to start from (``load_or_train_stage2``; notebook 05's): its trained Q-Former
+      and projection, which ``stage2``'s settings then train further. None: the stage-1 Q-Former of
+      ``stage2.stage1`` (or a mean-pool/linear connector) and a fresh projection.
     """
-    from .backbones import load_llm
-    from .stage2 import SoftPromptCaptioner
 
-    profile = as_profile(profile)
-    recipe = recipe or Stage2Recipe()
-    path = stage2_dir(profile, recipe)
-    if (path / "model.safetensors").is_file() and (path / "history.json").is_file() and not retrain:
-        history = json.loads((path / "history.json").read_text())
-        model = SoftPromptCaptioner.from_pretrained(path, llm or load_llm(profile))
-        return model.to(profile.device), TrainResult(**history)
-    model, result = train_stage2(profile, recipe, llm=llm, metrics=metrics)
-    save_trained(model, recipe, result, path, check=False)   # our cache folder
-    return model, result
+    connector: str = "qformer"
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+    stage2: Stage2Recipe = field(default_factory=Stage2Recipe)
+    pooled: int = 4
+    padding: str = "right"
+    base: Stage2Recipe | None = None
+
+    def __post_init__(self):
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"unknown connector {self.connector!r}: choose one of {CONNECTORS}")
+        if self.base is not None and self.connector != "qformer":
+            raise ValueError(f"a stage-2 base model has a Q-Former connector, not {self.connector!r}")
+        if self.base is not None and self.base.prompt != self.stage2.prompt:
+            raise ValueError("the base stage-2 model was trained with another prompt than stage2.prompt")
+
+    def bridge_config(self):
+        return replace(bridge_config(self.stage2), padding=self.padding)
+
+    @classmethod
+    def cli_default(cls) -> "CaptionerRecipe":
+        """The settings of ``python -m vlmcourse train captioner``: a longer run than the notebooks can afford
+        (``__main__.CLI_TRAINING_TIME``): LoRA and a fresh projection (``NOTEBOOK_STAGE2``) trained 460 steps of 16 captions
+        on a stage-1 Q-Former trained 120 steps (notebook 04's recipe, longer; reused from the cache when present)."""
+        stage1 = replace(Stage1Recipe(), steps=120)
+        return cls(connector="qformer", lora=LoraSettings(),
+                   stage2=replace(NOTEBOOK_STAGE2, steps=460, warmup_steps=20, batch_size=16, stage1=stage1))
+
+    def with_overrides(self, steps: int | None = None, seed: int | None = None,
+                       stage1_steps: int | None = None) -> "CaptionerRecipe":
+        """A copy with the stage-2 (+ LoRA) steps, the seed of both stages, or the stage-1 steps replaced
+        (None keeps the value)."""
+        stage2, stage1 = self.stage2, self.stage2.stage1
+        if stage1 is not None:
+            stage1 = replace(stage1, **_given(seed=seed, steps=stage1_steps))
+        return replace(self, stage2=replace(stage2, stage1=stage1, **_given(seed=seed, steps=steps)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaptionerRecipe":
+        """The recipe ``asdict(recipe)`` (as saved in config.json) describes."""
+        def stage2_recipe(r: dict) -> Stage2Recipe:
+            r = {"proj_lr_scale": 1.0, **r}        # saved before the field existed: trained at 1x
+            if r.get("stage1"):
+                stage1 = dict(r["stage1"])
+                model = {**stage1["model"], "losses": tuple(stage1["model"]["losses"])}
+                r["stage1"] = Stage1Recipe(**{**stage1, "model": Stage1Config(**model)})
+            return Stage2Recipe(**r)
+
+        lora = LoraSettings.from_dict(d["lora"]) if d.get("lora") else None
+        base = stage2_recipe(d["base"]) if d.get("base") else None
+        return cls(**{**d, "lora": lora, "stage2": stage2_recipe(d["stage2"]), "base": base})
+
+
+# Notebook 06's captioner: LoRA on top of one of notebook 05's two stage-2 models (its Q-Former frozen, its projection
+# trained further), 40 steps of 8 at lr 3e-4. Chosen on the dev split (one seed each; CIDEr-D against the same model
+# shown a blank photo): on the stage-2 model whose Q-Former started fresh from BERT 0.133 vs 0.044, on the one that
+# started from notebook 04's stage-1 Q-Former 0.045 vs 0.039 (the stage-2 models alone: 0.092 vs 0.069, 0.014 vs 0.022).
+NOTEBOOK_CAPTIONER = CaptionerRecipe(connector="qformer", lora=LoraSettings(), base=Stage2Recipe(stage1=None),
+                                     stage2=replace(NOTEBOOK_STAGE2, lr=3e-4))
+
+
+def _given(**values) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def captioner_dir(profile: Profile, recipe: CaptionerRecipe) -> Path:
+    return cache_dir("models") / f"captioner-{profile_tag(profile)}-{recipe.key()}"
 
 
 SAVED_FORMAT = 1     # config.json["vlmcourse"]["format"] in a folder save_trained wrote
@@ -335,8 +281,6 @@ def save_trained(model, recipe, result: TrainResult, path: Path, check: bool = T
     ``check_replaceable``) is moved aside first and deleted only once the new one is in place, so an interrupted run
     never leaves half a model and never loses the old one. config.json gets the "vlmcourse" marker. ``check=False``
     for the package's own cache folders (``cache_dir("models")``), whose models may predate the marker."""
-    from .distributed import is_main_process
-
     if not is_main_process():      # several processes (accelerate launch) hold the same model: one writes it
         return
     path = Path(path)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .data import Flickr8k
+from .data import SPLIT_ALIASES, Flickr8k, _default_transform
 from .utils import cache_dir, in_batches
 
 DATA_NAME = "shapes"          # a profile's ``data`` that selects this world
@@ -335,8 +335,6 @@ class ShapesDataset(Flickr8k):
 
     def __init__(self, split: str = "train", transform=None, config: ShapesConfig | None = None,
                  max_images: int | None = None):
-        from .data import SPLIT_ALIASES, _default_transform
-
         split = SPLIT_ALIASES.get(split, split)
         self.split, self.config = split, config or ShapesConfig()
         self.root = self.image_dir = build_split(split, self.config, shapes_dir(self.config))

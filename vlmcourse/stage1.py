@@ -19,7 +19,9 @@ from torch import nn
 
 from . import distributed as D
 from . import losses as L
+from . import qformer as qformer_module
 from .adapter import ImageAdapter
+from .metrics import caption_image_index, recall_at_k
 from .qformer import QFormer, QFormerConfig
 from .reference import qformer_from_bert
 from .utils import in_batches
@@ -267,8 +269,6 @@ def itc_features(model: Stage1Model, features: torch.Tensor, captions: list[list
 def retrieval(model: Stage1Model, features: torch.Tensor, captions: list[list[str]], ks=(1, 5, 10),
               batch_size: int = 128) -> dict:
     """Image->text and text->image Recall@K with the ITC similarity (max over queries)."""
-    from .metrics import caption_image_index, recall_at_k
-
     sim = L.itc_similarity(*itc_features(model, features, captions, batch_size))
     return recall_at_k(sim, caption_image_index([len(c) for c in captions]), ks)
 
@@ -282,8 +282,6 @@ def recording_masks():
     tensor of ``qformer.self_attention_mask`` (True = may attend), in the order they were built.
     Nothing else changes: the model computes exactly what it would without the recording.
     """
-    from . import qformer as qformer_module
-
     calls, build = [], qformer_module.self_attention_mask
 
     def record(mask_type, num_query_tokens, attention_mask):
@@ -310,8 +308,6 @@ def itm_score_groups(model: Stage1Model, features: torch.Tensor, captions: list[
 
     Returns {kind: (N,) tensor}, one score per image.
     """
-    from .metrics import caption_image_index
-
     generator = generator or torch.Generator().manual_seed(0)
     owner = caption_image_index([len(c) for c in captions])
     n, flat = len(captions), [c for caps in captions for c in caps]

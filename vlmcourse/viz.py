@@ -25,9 +25,15 @@ from __future__ import annotations
 import io
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.patches import Rectangle
+from PIL import Image
 
 from .plots import as_image_array
 from .utils import eval_mode, in_jupyter_kernel
@@ -132,8 +138,6 @@ def query_collapse(qformer, image_embeds: torch.Tensor, thresholds: tuple[float,
     cross-attention layer (the queries entering it) and one for the Q-Former's output, giving the mean cosine of
     two queries of a photo and, for each threshold, the number of distinct queries (``distinct_queries``, mean over
     the photos). A loose threshold shows a partial collapse (a few groups), a strict one a complete one."""
-    import pandas as pd
-
     rows = []
     for stage, vectors in query_vectors(qformer, image_embeds).items():
         row = {"queries": stage, "mean cosine of two queries": mean_query_cosine(vectors).mean().item()}
@@ -213,8 +217,6 @@ def blip2_cross_attention_maps(model, pixel_values: torch.Tensor):
 
 def blip2_display_image(processor, image):
     """The photo as BLIP-2 sees it: squashed to the processor's square size (no crop), for overlays."""
-    from PIL import Image
-
     image_processor = getattr(processor, "image_processor", processor)
     size = image_processor.size
     height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
@@ -303,8 +305,6 @@ def query_region_consistency(maps: torch.Tensor):
       photo to photo, on average.
     * ``entropy``: the mean entropy of its maps (nats).
     """
-    import pandas as pd
-
     P, Q, h, w = maps.shape
     if P < 2:
         raise ValueError("need the maps of at least 2 photos to compare them")
@@ -343,10 +343,6 @@ def overlay(ax, image, attention, vmax: float | None = None, title: str | None =
     draws the patch cells, a reminder that the map has only h x w numbers.
     Returns a ``ScalarMappable`` for a colour bar.
     """
-    import matplotlib.pyplot as plt
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     array = as_image_array(image)
     H, W = array.shape[:2]
     attention = torch.as_tensor(attention).float()
@@ -389,8 +385,6 @@ def query_grid(image, maps: torch.Tensor, vmax: float | None = None, cols: int =
     any of them), so a diffuse query looks faint next to a focused one; each
     title gives the query and its entropy in nats.
     """
-    import matplotlib.pyplot as plt
-
     Q, h, w = maps.shape
     rows = math.ceil(Q / cols)
     vmax = vmax if vmax is not None else float(maps.amax()) * h * w
@@ -418,8 +412,6 @@ def plot_region_consistency(table, mean_maps: torch.Tensor, threshold: float = 0
     (``mean_maps``, (Q, h, w), e.g. averaged over the photos), each on the
     grid (or on ``image``), titled with the query and its consistency.
     """
-    import matplotlib.pyplot as plt
-
     order = table["consistency"].sort_values(ascending=False)
     fig = plt.figure(figsize=(16, 5.4), layout="constrained")
     grid = fig.add_gridspec(2, 1 + top // 2, width_ratios=[2.6] + [1] * (top // 2))
@@ -478,8 +470,6 @@ def _select(maps: torch.Tensor, photo: int, layer: int, query: int, head) -> tor
 def plot_view(images, maps: torch.Tensor, photo: int = 0, layer: int = -1, query: int = 0, head="mean",
               layer_names=None, photo_names=None, fontsize: int = 13):
     """One explorer view: the map on the photo (left) and its h x w numbers (right)."""
-    import matplotlib.pyplot as plt
-
     layer_names = layer_names or [f"cross-attention {i}" for i in range(maps.shape[0])]
     attention = _select(maps, photo, layer, query, head)
     h, w = attention.shape
@@ -507,8 +497,6 @@ def plot_view(images, maps: torch.Tensor, photo: int = 0, layer: int = -1, query
 def static_gallery(images, maps: torch.Tensor, query: int = 0, head="mean", layer_names=None, photo_names=None,
                    max_photos: int = 3, fontsize: int = 12):
     """The explorer without widgets: rows = photos, columns = layers, for one query (shared colour scale)."""
-    import matplotlib.pyplot as plt
-
     L, P = maps.shape[:2]
     P = min(P, max_photos)
     layer_names = layer_names or [f"cross-attention {i}" for i in range(L)]
@@ -543,8 +531,6 @@ def explorer(images, maps: torch.Tensor, layer_names=None, photo_names=None, que
         images: the P photos (PIL images or arrays, as the encoder saw them).
         maps: (layers, P, heads, Q, h, w), e.g. from :func:`cross_attention_maps`.
     """
-    import matplotlib.pyplot as plt
-
     L, P, heads, Q = maps.shape[:4]
     layer_names = list(layer_names or [f"cross-attention {i}" for i in range(L)])
     static_gallery(images, maps, query=query, head=head, layer_names=layer_names, photo_names=photo_names)
@@ -562,7 +548,6 @@ def explorer(images, maps: torch.Tensor, layer_names=None, photo_names=None, que
 
 def _widget_ui(images, maps, layer_names, photo_names, query, head):
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
 
     L, P, heads, Q = maps.shape[:4]
     photo_names = photo_names or [f"photo {p}" for p in range(P)]
@@ -607,9 +592,6 @@ def plot_object_attention(images, maps: torch.Tensor, objects: list[list[dict]],
     (``shapes.ShapesDataset.objects``, whose ``cells`` are on the h x w patch grid). Each panel outlines the
     object's cells and gives the query and the share of its attention that lands on them.
     Returns the figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
     h, w = grid
     columns = max(len(objs) for objs in objects)
     fig, axes = plt.subplots(len(images), columns, figsize=(panel_size * columns + 1.2, panel_size * len(images)),

@@ -284,7 +284,7 @@ def check_cacheable(answer, qformer_frozen: bool = True) -> None:
     try:
         got = {str(a).strip().lower() for a in answer}
     except TypeError:
-        print(f"✗ Use a set of names, e.g. {{\"image features\"}}.")
+        print('✗ Use a set of names, e.g. {"image features"}.')
         return
     unknown = got - set(CACHEABLE_OPTIONS)
     if unknown:
