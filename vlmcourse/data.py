@@ -344,42 +344,22 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 # ---------------------------------------------------------------- the dataset
 
-class Flickr8k(Dataset):
-    """One split of Flickr8k: ``ds[i]`` is ``{"pixel_values", "captions", "image_id"}``.
+class CaptionDataset(Dataset):
+    """One split of photos with their captions, as the course reads every dataset (local Flickr8k, the Hub's, the
+    shapes world): ``ds[i]`` is ``{"pixel_values", "captions", "image_id"}``, ``ds.load_image(i)`` the photo,
+    ``ds.image_file(i)`` a file of it. Here the photos are files in ``image_dir``; ``HubFlickr8k`` reads them from
+    the datasets cache instead.
 
-    Images named by a caption file but missing on disk are left out with a
-    warning. An image that turns out corrupt when read is skipped (``ds[i]`` is
-    ``None``, which ``collate`` drops) with a warning, and counted in ``ds.skipped``.
+    A photo that turns out corrupt when read is skipped (``ds[i]`` is ``None``, which ``collate`` drops) with a
+    warning, and counted in ``ds.skipped``.
     """
 
-    def __init__(self, split: str = "train", root: str | os.PathLike | None = None, transform=None,
-                 layout: str = "auto", max_images: int | None = None):
-        split = SPLIT_ALIASES.get(split, split)
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
-        index = read_annotations(root, layout)
-        self.split, self.root, self.layout, self.image_dir = split, index.root, index.layout, index.image_dir
-        names = index.splits[split]
-        if not names:
-            raise ValueError(f"split {split!r} of {index.root} ({index.layout} layout) has no images")
-        no_caption = [n for n in names if n not in index.captions]
-        missing = [n for n in names if n in index.captions and not (self.image_dir / n).is_file()]
-        for problem, bad in (("have no captions", no_caption), (f"are not in {self.image_dir}", missing)):
-            if bad:
-                warnings.warn(f"Flickr8k {split}: {len(bad)} of {len(names)} images {problem}; "
-                              f"left out (first: {', '.join(bad[:3])})", stacklevel=2)
-        names = [n for n in names if n in index.captions and n not in set(missing)]
-        if not names:
-            raise ValueError(f"split {split!r} of {index.root}: none of its images could be found in {self.image_dir}")
-        self.image_ids = names[:max_images] if max_images else names
-        self.captions = [index.captions[n] for n in self.image_ids]
+    def __init__(self, split: str, image_ids: list[str], captions: list[list[str]], transform=None, root=None,
+                 layout: str = "", image_dir: Path | None = None):
+        self.split, self.image_ids, self.captions = split, list(image_ids), list(captions)
+        self.root, self.layout, self.image_dir = root, layout, image_dir
         self.transform = transform or _default_transform()
         self.skipped: list[str] = []
-
-    @classmethod
-    def from_hub(cls, split: str = "train", dataset_id: str = HUB_DATASET, transform=None,
-                 max_images: int | None = None) -> "HubFlickr8k":
-        return HubFlickr8k(split, dataset_id, transform, max_images)
 
     @property
     def image_paths(self) -> list[Path]:
@@ -424,6 +404,46 @@ class Flickr8k(Dataset):
         return datasets.Dataset.from_dict({"image": [str(p) for p in self.image_paths], "captions": self.captions,
                                            "image_id": self.image_ids}, features=features)
 
+
+def check_split(split: str) -> str:
+    """The split's name ("val" -> "dev"), or a ValueError naming the choices."""
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
+    return split
+
+
+class Flickr8k(CaptionDataset):
+    """One split of Flickr8k from a local folder (either layout; see ``read_annotations``).
+
+    Images named by a caption file but missing on disk are left out with a warning.
+    """
+
+    def __init__(self, split: str = "train", root: str | os.PathLike | None = None, transform=None,
+                 layout: str = "auto", max_images: int | None = None):
+        split = check_split(split)
+        index = read_annotations(root, layout)
+        names = index.splits[split]
+        if not names:
+            raise ValueError(f"split {split!r} of {index.root} ({index.layout} layout) has no images")
+        no_caption = [n for n in names if n not in index.captions]
+        missing = [n for n in names if n in index.captions and not (index.image_dir / n).is_file()]
+        for problem, bad in (("have no captions", no_caption), (f"are not in {index.image_dir}", missing)):
+            if bad:
+                warnings.warn(f"Flickr8k {split}: {len(bad)} of {len(names)} images {problem}; "
+                              f"left out (first: {', '.join(bad[:3])})", stacklevel=2)
+        names = [n for n in names if n in index.captions and n not in set(missing)]
+        if not names:
+            raise ValueError(f"split {split!r} of {index.root}: none of its images could be found in {index.image_dir}")
+        names = names[:max_images] if max_images else names
+        super().__init__(split, names, [index.captions[n] for n in names], transform, index.root, index.layout,
+                         index.image_dir)
+
+    @classmethod
+    def from_hub(cls, split: str = "train", dataset_id: str = HUB_DATASET, transform=None,
+                 max_images: int | None = None) -> "HubFlickr8k":
+        return HubFlickr8k(split, dataset_id, transform, max_images)
+
     def __repr__(self):
         return f"Flickr8k(split={self.split!r}, images={len(self)}, root={str(self.root)!r}, layout={self.layout!r})"
 
@@ -454,23 +474,19 @@ def _load_hub_split(dataset_id: str, split: str):
     return datasets.load_dataset(dataset_id, split=HUB_SPLITS[split])
 
 
-class HubFlickr8k(Flickr8k):
+class HubFlickr8k(CaptionDataset):
     """Full Flickr8k from the Hugging Face Hub (hub profile), with the same interface as ``Flickr8k`` except
     ``image_paths`` (its photos live in the datasets cache, not in files: use ``load_image`` or ``image_file``)."""
 
     HUB_SPLITS = HUB_SPLITS
 
     def __init__(self, split="train", dataset_id=HUB_DATASET, transform=None, max_images=None):
-        split = SPLIT_ALIASES.get(split, split)
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
+        split = check_split(split)
         self.hf = _load_hub_split(dataset_id, split)
         if max_images:
             self.hf = self.hf.select(range(min(max_images, len(self.hf))))
-        self.captions, self.image_ids = hub_caption_rows(self.hf, split)
-        self.split, self.root, self.layout, self.image_dir = split, dataset_id, "hub", None
-        self.transform = transform or _default_transform()
-        self.skipped = []
+        captions, image_ids = hub_caption_rows(self.hf, split)
+        super().__init__(split, image_ids, captions, transform, dataset_id, "hub")
 
     @property
     def image_paths(self):
@@ -541,7 +557,7 @@ def fetch_hub_subset(dataset_id: str = HUB_DATASET, sizes: dict[str, int] | None
     return out
 
 
-def load_flickr8k(split: str = "train", profile=None, transform=None, root=None, max_images=None) -> Flickr8k:
+def load_flickr8k(split: str = "train", profile=None, transform=None, root=None, max_images=None) -> CaptionDataset:
     """The split's photos and captions, from wherever the profile takes them: the one function every notebook and
     the CLI read Flickr8k through.
 

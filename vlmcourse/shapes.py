@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .data import SPLIT_ALIASES, Flickr8k, _default_transform
+from .data import SPLIT_ALIASES, CaptionDataset
 from .utils import cache_dir, in_batches
 
 DATA_NAME = "shapes"          # a profile's ``data`` that selects this world
@@ -327,31 +327,27 @@ def shapes_dir(config: ShapesConfig | None = None) -> Path:
     return cache_dir("shapes", f"v{VERSION}-{config.key()}")
 
 
-class ShapesDataset(Flickr8k):
-    """One split of the shapes world, read as ``data.Flickr8k`` reads a split (whose methods it inherits): ``ds[i]``
+class ShapesDataset(CaptionDataset):
+    """One split of the shapes world, read as every dataset of the course is (``data.CaptionDataset``): ``ds[i]``
     is ``{"pixel_values", "captions", "image_id"}``; ``objects[i]`` and ``qa[i]`` hold the ground truth."""
-
-    layout = DATA_NAME
 
     def __init__(self, split: str = "train", transform=None, config: ShapesConfig | None = None,
                  max_images: int | None = None):
         split = SPLIT_ALIASES.get(split, split)
-        self.split, self.config = split, config or ShapesConfig()
-        self.root = self.image_dir = build_split(split, self.config, shapes_dir(self.config))
-        path = self.root / "annotations.json"
+        self.config = config or ShapesConfig()
+        root = build_split(split, self.config, shapes_dir(self.config))
+        path = root / "annotations.json"
         try:
             entries = json.loads(path.read_text())["images"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path} is not a shapes annotation file ({error}); delete {self.root} to redraw it") \
+            raise ValueError(f"{path} is not a shapes annotation file ({error}); delete {root} to redraw it") \
                 from None
         entries = entries[:max_images] if max_images else entries
-        self.image_ids = [e["image_id"] for e in entries]
-        self.captions = [e["captions"] for e in entries]
+        super().__init__(split, [e["image_id"] for e in entries], [e["captions"] for e in entries], transform, root,
+                         DATA_NAME, root)
         self.objects = [e["objects"] for e in entries]
         self.qa = [e["qa"] for e in entries]
         self._objects_by_id = dict(zip(self.image_ids, self.objects))
-        self.transform = transform or _default_transform()
-        self.skipped: list[str] = []
 
     def __repr__(self):
         return f"ShapesDataset(split={self.split!r}, images={len(self)}, folder={str(self.root)!r})"
