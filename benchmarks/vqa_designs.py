@@ -1,0 +1,97 @@
+"""Where the image enters a frozen LLM, side by side on the shapes world's questions (issue 21; notebook 08).
+
+Each design trains the same number of steps on the same instruction rows (instruct.instruction_pairs of the train
+scenes, the caption requests left out: one-word answers), with SmolLM2 frozen, and answers the dev (or test)
+questions greedily. Printed per design: image tokens added to the LLM's input, trainable parameters, seconds a step,
+VQA accuracy per question type, the same model shown a blank photo, and the text-only prior.
+
+    python benchmarks/vqa_designs.py --designs mlp resampler flamingo --steps 60 --split dev
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from vlmcourse import get_profile
+from vlmcourse.backbones import load_llm, load_vision_encoder
+from vlmcourse.evaluate import blank_image_features
+from vlmcourse.features import split_features
+from vlmcourse.flamingo import PerceiverResampler, ResamplerConfig
+from vlmcourse.instruct import instruction_pairs, text_prior_answers, vqa_accuracy
+from vlmcourse.llava import llava_connector
+from vlmcourse.recipes import shapes_profile
+from vlmcourse.train import TrainConfig, train
+from vlmcourse.utils import seed_everything
+from vlmcourse.vqa import FlamingoVQA, SoftPromptVQA, answer_all, instruction_batches
+
+
+def build(design: str, llm, vision, seed: int):
+    seed_everything(seed)
+    hidden = llm.model.config.hidden_size
+    if design in ("linear", "mlp"):
+        connector, width = llava_connector(design, vision.num_patches, vision.hidden_size, hidden)
+        return SoftPromptVQA(connector, width, llm)
+    if design == "resampler":
+        resampler = PerceiverResampler(ResamplerConfig(vision.hidden_size, 256, 8, 2, 4, 4, vision.num_patches))
+        return SoftPromptVQA(resampler, 256, llm)
+    if design == "flamingo":
+        return FlamingoVQA(llm, vision.hidden_size, every=10, num_positions=vision.num_patches)
+    raise ValueError(design)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--designs", nargs="+", default=["mlp", "resampler", "flamingo"])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--gate-lr-scale", type=float, default=1.0, help="Flamingo's tanh gates learn at this multiple")
+    ap.add_argument("--split", default="dev")
+    ap.add_argument("--questions", type=int, default=240, help="how many of the split's questions to answer")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--out")
+    args = ap.parse_args()
+
+    profile = shapes_profile(get_profile("cpu"))
+    vision = load_vision_encoder(profile)
+    (train_feats, train_ds), (eval_feats, eval_ds) = (split_features(profile, s, vision) for s in ("train", args.split))
+    train_rows = [r for r in instruction_pairs(train_ds.objects) if r["type"] != "caption"]
+    eval_rows = [r for r in instruction_pairs(eval_ds.objects, seed=1) if r["type"] != "caption"][:args.questions]
+    answers, types = [r["answer"] for r in eval_rows], [r["type"] for r in eval_rows]
+    prior = text_prior_answers(train_rows)
+    print("text prior:", json.dumps({k: round(v, 3) for k, v in
+                                     vqa_accuracy([prior[t] for t in types], answers, types).items()}))
+    blank = blank_image_features(vision).expand(len(eval_feats), -1, -1)
+    llm = load_llm(get_profile("cpu"))
+    for design in args.designs:
+        for seed in args.seeds:
+            model = build(design, llm, vision, seed)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            gates = {n: args.gate_lr_scale for n, _ in model.named_parameters() if n.endswith("_gate")}
+            config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=5, seed=seed, desc=design, lr_scales=gates)
+            start = time.perf_counter()
+            result = train(model, instruction_batches(train_feats.features, train_rows, args.batch_size),
+                           lambda m, b: {"loss": m(b["image_embeds"], b["instructions"], b["answers"])}, config)
+            seconds = time.perf_counter() - start
+            seen = vqa_accuracy(answer_all(model, eval_feats.features, eval_rows), answers, types)
+            blind = vqa_accuracy(answer_all(model, blank, eval_rows), answers, types)
+            row = {"design": design, "seed": seed, "steps": args.steps, "trainable": trainable,
+                   "lr": args.lr, "gate_lr_scale": args.gate_lr_scale, "s_per_step": round(seconds / args.steps, 2), "last10_loss": round(
+                       sum(result.column("loss")[-10:]) / 10, 3),
+                   "accuracy": {k: round(v, 3) for k, v in seen.items()},
+                   "blank": {k: round(v, 3) for k, v in blind.items()}}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if design == "flamingo":
+                row["gates"] = model.lm.gates()
+                print(json.dumps(row["gates"]))
+                model.lm.remove_hooks()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Tests for vlmcourse.vqa: the answer-only labels, the loss against Hugging Face's, answers that do not depend on
+the batch's padding, closed Flamingo gates, and the batches. The tiny profile's random LLM only."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vlmcourse.backbones import load_llm
+from vlmcourse.connectors import PatchConnector
+from vlmcourse.instruct import chat_prompt, instruction_pairs
+from vlmcourse.stage2 import IGNORE_INDEX
+from vlmcourse.vqa import FlamingoVQA, SoftPromptVQA, answer_all, answer_inputs, instruction_batches, prompt_inputs
+
+N, D = 4, 24         # patches, image-encoder width
+QUESTIONS = ["What colour is the circle?", "How many shapes are there?", "Where is the square in the photo?"]
+ANSWERS = ["red", "two", "top left"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return load_llm("tiny")
+
+
+def soft_vqa(llm, seed=0):
+    torch.manual_seed(seed)
+    return SoftPromptVQA(PatchConnector(N), D, llm)
+
+
+def images(batch=3, seed=0):
+    return torch.randn(batch, N, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_only_the_answer_and_its_eos_are_labelled(llm):
+    tok, eos = llm.tokenizer, llm.tokenizer.eos_token_id
+    ids, mask, labels = answer_inputs(tok, QUESTIONS, ANSWERS, eos)
+    for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
+        prompt = tok(chat_prompt(None, q), add_special_tokens=False).input_ids
+        reply = tok(a, add_special_tokens=False).input_ids + [eos]
+        n = len(prompt) + len(reply)
+        assert ids[i, :n].tolist() == prompt + reply and mask[i].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+        assert labels[i].tolist() == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX] * (ids.shape[1] - n)
+    with pytest.raises(ValueError, match="2 instructions but 3 answers"):
+        answer_inputs(tok, QUESTIONS[:2], ANSWERS, eos)
+
+
+def test_soft_prompt_loss_equals_the_llms_own(llm):
+    """The same sequence [soft prompts; prompt; answer] through Hugging Face's forward with labels (which shifts
+    and averages over the labelled tokens): the loss must be the same."""
+    model = soft_vqa(llm)
+    x = images()
+    loss = model(x, QUESTIONS, ANSWERS)
+    soft = model.soft_prompts(x)
+    ids, mask, labels = answer_inputs(llm.tokenizer, QUESTIONS, ANSWERS, model.eos_id)
+    embeds = torch.cat([soft, model._embed(ids)], 1)
+    full_mask = torch.cat([torch.ones(3, N, dtype=torch.long), mask], 1)
+    full_labels = torch.cat([torch.full((3, N), IGNORE_INDEX), labels], 1)
+    reference = llm.model(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels).loss
+    assert torch.allclose(loss, reference, atol=1e-5)
+    loss.backward()
+    assert model.proj.weight.grad is not None and all(p.grad is None for p in llm.model.parameters())
+
+
+@pytest.mark.parametrize("make", [soft_vqa, lambda llm: FlamingoVQA(llm, D, every=1, num_latents=2,
+                                                                      resampler_layers=1, resampler_size=16,
+                                                                      num_heads=2, head_size=8, ff_mult=2)],
+                         ids=["soft prompts", "flamingo"])
+def test_answers_do_not_depend_on_the_batchs_padding(llm, make):
+    torch.manual_seed(0)
+    model = make(llm).eval()
+    if isinstance(model, FlamingoVQA):          # open the gates, so that the image matters
+        for block in model.lm.blocks.values():
+            block.attn_gate.data.fill_(1.0)
+    x = images()
+    together = model.answer(x, QUESTIONS, max_new_tokens=4)
+    alone = [model.answer(x[i:i + 1], [q], max_new_tokens=4)[0] for i, q in enumerate(QUESTIONS)]
+    assert together == alone
+    if isinstance(model, FlamingoVQA):
+        model.lm.remove_hooks()
+
+
+def test_closed_flamingo_gates_give_the_plain_llms_loss(llm):
+    model = FlamingoVQA(llm, D, every=1, num_latents=2, resampler_layers=1, resampler_size=16, num_heads=2,
+                        head_size=8, ff_mult=2)
+    ids, mask, labels = answer_inputs(llm.tokenizer, QUESTIONS, ANSWERS, model.eos_id)
+    plain = llm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.equal(model(images(), QUESTIONS, ANSWERS), plain)
+    model.lm.remove_hooks()
+
+
+def test_left_padded_prompts(llm):
+    ids, mask = prompt_inputs(llm.tokenizer, QUESTIONS, pad_id=0)
+    lengths = [len(llm.tokenizer(chat_prompt(None, q), add_special_tokens=False).input_ids) for q in QUESTIONS]
+    assert mask.sum(1).tolist() == lengths and (mask[:, -1] == 1).all()
+
+
+def test_soft_prompts_learn_a_question_only_the_image_answers(llm):
+    """Two kinds of photo, one question; the answer is the photo's kind: from the text alone no model does better
+    than a coin flip on it. A random frozen Llama with larger weights than the tiny profile's (whose logits stay
+    within about +-0.7, as in test_flamingo) and the tiny profile's tokenizer; only the projection learns."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(llm.tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      initializer_range=0.2)).eval()
+    model = SoftPromptVQA(PatchConnector(N), D, SimpleNamespace(model=lm, tokenizer=llm.tokenizer)).train()
+    g = torch.Generator().manual_seed(3)
+    kinds = torch.randn(2, N, D, generator=g)
+    x = kinds.repeat(4, 1, 1) + 0.1 * torch.randn(8, N, D, generator=g)
+    answers = ["red", "blue"] * 4
+    question = ["What colour is the circle?"] * 8
+    optimizer = torch.optim.AdamW(model.proj.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(60):
+        loss = model(x, question, answers)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]
+    model.eval()
+    first = [llm.tokenizer.decode(llm.tokenizer(a, add_special_tokens=False).input_ids[:1]).strip() for a in answers]
+    assert [a.split()[0] for a in model.answer(x, question, max_new_tokens=1)] == first
+    with torch.no_grad():                                       # the photos swapped: the answers go wrong
+        assert model(x.roll(1, 0), question, answers) > 4 * model(x, question, answers)
+
+
+def test_instruction_batches_and_answer_all(llm):
+    objects = [[{"shape": "circle", "colour": "red", "size": "small", "position": "top left"}],
+               [{"shape": "square", "colour": "blue", "size": "large", "position": "bottom right"}]]
+    rows = [r for r in instruction_pairs(objects) if r["type"] != "caption"]
+    features = images(batch=2)
+    batch = instruction_batches(features, rows, 4)(0, torch.Generator().manual_seed(0))
+    assert batch["image_embeds"].shape == (4, N, D) and len(batch["instructions"]) == len(batch["answers"]) == 4
+    for x, q, a in zip(batch["image_embeds"], batch["instructions"], batch["answers"]):
+        row = next(r for r in rows if r["instruction"] == q and r["answer"] == a)
+        assert torch.equal(x, features[row["image"]])
+    model = soft_vqa(llm)
+    out = answer_all(model, features, rows, batch_size=3, max_new_tokens=2)
+    assert len(out) == len(rows) and model.training
+    with pytest.raises(ValueError, match="no instruction rows"):
+        instruction_batches(features, [], 4)

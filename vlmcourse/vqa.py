@@ -1,0 +1,140 @@
+"""Answering questions about a photo: one interface over the two places an image can enter a frozen LLM.
+
+    soft prompts (BLIP-2's Q-Former, LLaVA's projector, a resampler):  [image tokens] [question] [answer] [EOS]
+    cross-attention (Flamingo):                                         [question] [answer] [EOS], the image read
+                                                                        from inside the LLM's layers
+
+Each row is an instruction and its answer in the LLM's chat format (``instruct.chat_prompt``); the loss covers the
+answer and its end-of-turn token only (labels -100 elsewhere), as LLaVA's and InstructBLIP's instruction tuning do.
+``answer`` decodes greedily. ``SoftPromptVQA`` and ``FlamingoVQA`` take the same arguments, so one training loop
+(``train.train`` with ``instruction_batches``) and one scorer (``instruct.vqa_accuracy``) serve both.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .flamingo import FlamingoLM
+from .instruct import chat_prompt
+from .stage2 import IGNORE_INDEX, SoftPromptCaptioner
+from .utils import eval_mode
+
+
+def answer_inputs(tokenizer, instructions: list[str], answers: list[str], eos_id: int):
+    """(ids, attention_mask, labels), each (B, T), right-padded: [chat prompt] [answer] [EOS] [pad ...]; labels
+    are the answer's tokens and the EOS, -100 on the prompt and the padding."""
+    if len(instructions) != len(answers):
+        raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers")
+    rows, targets = [], []
+    for instruction, answer in zip(instructions, answers):
+        prompt = tokenizer(chat_prompt(None, instruction), add_special_tokens=False).input_ids
+        reply = tokenizer(answer.strip(), add_special_tokens=False).input_ids + [eos_id]
+        rows.append(prompt + reply)
+        targets.append([IGNORE_INDEX] * len(prompt) + reply)
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [eos_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = torch.tensor([t + [IGNORE_INDEX] * (width - len(t)) for t in targets])
+    return ids, mask, labels
+
+
+def prompt_inputs(tokenizer, instructions: list[str], pad_id: int):
+    """(ids, attention_mask) of the chat prompts, left-padded, for decoding the answers."""
+    rows = [tokenizer(chat_prompt(None, i), add_special_tokens=False).input_ids for i in instructions]
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+class SoftPromptVQA(SoftPromptCaptioner):
+    """connector -> projection -> soft prompts in front of the question, frozen LLM (BLIP-2, LLaVA)."""
+
+    def forward(self, image_embeds: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
+        """Mean LM loss over the answers' tokens and their EOS."""
+        if len(instructions) != image_embeds.shape[0]:
+            raise ValueError(f"{image_embeds.shape[0]} images but {len(instructions)} instructions")
+        soft = self.soft_prompts(image_embeds).to(self._llm_dtype)                    # (B, Q, H)
+        ids, mask, labels = answer_inputs(self.tokenizer, instructions, answers, self.eos_id)
+        embeds = torch.cat([soft, self._embed(ids).to(self._llm_dtype)], dim=1)
+        b, q = soft.shape[:2]
+        mask = torch.cat([torch.ones(b, q, dtype=torch.long), mask], 1).to(self.device)
+        targets = torch.cat([torch.full((b, q), IGNORE_INDEX), labels], 1)[:, 1:].to(self.device)
+        keep = targets != IGNORE_INDEX                                # position i predicts token i + 1
+        hidden = self.llm_model.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        logits = self.llm_model.get_output_embeddings()(hidden[:, :-1][keep])
+        return nn.functional.cross_entropy(logits.float(), targets[keep])
+
+    @torch.no_grad()
+    def answer(self, image_embeds: torch.Tensor, instructions: list[str], max_new_tokens: int = 6) -> list[str]:
+        """Greedy answers. Rows are left-padded before their soft prompts, so each reads as if it were alone; the
+        whole (short) sequence is re-read at each step."""
+        soft = self.soft_prompts(image_embeds).to(self._llm_dtype)
+        ids, text_mask = prompt_inputs(self.tokenizer, instructions, self.pad_id)
+        pad = (text_mask == 0).sum(1)
+        # [pad ...] [soft prompts] [prompt]: move each row's padding in front of its soft prompts
+        text = self._embed(ids).to(self._llm_dtype)
+        embeds = torch.stack([torch.cat([text[i, :p], soft[i], text[i, p:]]) for i, p in enumerate(pad.tolist())])
+        mask = torch.stack([torch.cat([text_mask[i, :p], torch.ones(soft.shape[1], dtype=torch.long),
+                                       text_mask[i, p:]]) for i, p in enumerate(pad.tolist())]).to(self.device)
+        new, done = [], torch.zeros(len(instructions), dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = self.llm_model.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                                  position_ids=position_ids).last_hidden_state[:, -1]
+            token = self.llm_model.get_output_embeddings()(hidden).argmax(-1).masked_fill(done, self.eos_id)
+            new.append(token)
+            done |= token == self.eos_id
+            if done.all():
+                break
+            embeds = torch.cat([embeds, self._embed(token[:, None]).to(self._llm_dtype)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in torch.stack(new, 1)]
+
+
+class FlamingoVQA(nn.Module):
+    """A ``FlamingoLM`` (gated cross-attention inside the frozen LLM) asked and trained like ``SoftPromptVQA``."""
+
+    def __init__(self, llm, visual_dim: int, every: int = 4, **options):
+        super().__init__()
+        self.lm = FlamingoLM(llm, visual_dim, every, **options)
+        self.tokenizer, self.eos_id = llm.tokenizer, llm.tokenizer.eos_token_id
+
+    def forward(self, image_embeds: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
+        ids, mask, labels = answer_inputs(self.tokenizer, instructions, answers, self.eos_id)
+        return self.lm(ids, mask, image_embeds=image_embeds, labels=labels).loss
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lm.train(mode)            # keeps the frozen LLM in eval mode
+        return self
+
+    @torch.no_grad()
+    def answer(self, image_embeds: torch.Tensor, instructions: list[str], max_new_tokens: int = 6) -> list[str]:
+        return self.lm.generate(image_embeds, [chat_prompt(None, i) for i in instructions], max_new_tokens)
+
+
+def instruction_batches(features: torch.Tensor, rows: list[dict], batch_size: int):
+    """A ``batch_fn`` for ``train.train``: ``batch_size`` random rows of ``instruct.instruction_pairs``
+    (``row["image"]`` indexes ``features``), as image_embeds, instructions and answers."""
+    if not rows:
+        raise ValueError("no instruction rows to train on")
+
+    def batch_fn(step: int, generator: torch.Generator) -> dict:
+        picks = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=generator).tolist()]
+        return {"image_embeds": features[[r["image"] for r in picks]].float(),
+                "instructions": [r["instruction"] for r in picks], "answers": [r["answer"] for r in picks]}
+    return batch_fn
+
+
+@torch.no_grad()
+def answer_all(model, features: torch.Tensor, rows: list[dict], batch_size: int = 32,
+               max_new_tokens: int = 6) -> list[str]:
+    """The model's greedy answer to every row (in eval mode)."""
+    out = []
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            out += model.answer(features[[r["image"] for r in chunk]].float(), [r["instruction"] for r in chunk],
+                                max_new_tokens)
+    return out
