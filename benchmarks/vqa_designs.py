@@ -22,23 +22,38 @@ from vlmcourse.features import split_features
 from vlmcourse.flamingo import PerceiverResampler, ResamplerConfig
 from vlmcourse.instruct import instruction_pairs, text_prior_answers, vqa_accuracy
 from vlmcourse.llava import llava_connector
-from vlmcourse.recipes import shapes_profile
+from vlmcourse.connectors import PrecomputedConnector, QFormerConnector
+from vlmcourse.pipeline import load_or_train_stage1
+from vlmcourse.recipes import SHAPES_STAGE1, shapes_profile
+from vlmcourse.utils import in_batches, seed_everything
 from vlmcourse.train import TrainConfig, train
-from vlmcourse.utils import seed_everything
 from vlmcourse.vqa import FlamingoVQA, SoftPromptVQA, answer_all, instruction_batches
 
 
-def build(design: str, llm, vision, seed: int):
+def build(design: str, llm, vision, seed: int, profile):
+    """(model, inputs): ``inputs(features)`` is what the model reads for those photos' patch features."""
     seed_everything(seed)
     hidden = llm.model.config.hidden_size
+    same = (lambda x: x)
     if design in ("linear", "mlp"):
         connector, width = llava_connector(design, vision.num_patches, vision.hidden_size, hidden)
-        return SoftPromptVQA(connector, width, llm)
+        return SoftPromptVQA(connector, width, llm), same
     if design == "resampler":
         resampler = PerceiverResampler(ResamplerConfig(vision.hidden_size, 256, 8, 2, 4, 4, vision.num_patches))
-        return SoftPromptVQA(resampler, 256, llm)
+        return SoftPromptVQA(resampler, 256, llm), same
     if design == "flamingo":
-        return FlamingoVQA(llm, vision.hidden_size, every=10, num_positions=vision.num_patches)
+        return FlamingoVQA(llm, vision.hidden_size, every=10, num_positions=vision.num_patches), same
+    if design == "qformer":     # notebook 04's shapes stage-1 Q-Former, frozen: its query outputs computed once
+        stage1, _ = load_or_train_stage1(profile, SHAPES_STAGE1)
+        connector = QFormerConnector(stage1.qformer, stage1.image_adapter).eval()
+        seed_everything(seed)
+        model = SoftPromptVQA(PrecomputedConnector(connector.num_tokens, stage1.qformer.config.hidden_size),
+                              stage1.qformer.config.hidden_size, llm)
+
+        @torch.no_grad()
+        def query_outputs(x):
+            return in_batches(lambda b: connector(b.float()), x, batch_size=64)
+        return model, query_outputs
     raise ValueError(design)
 
 
@@ -52,6 +67,7 @@ def main():
     ap.add_argument("--split", default="dev")
     ap.add_argument("--questions", type=int, default=240, help="how many of the split's questions to answer")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--eval-every", type=int, default=0, help="the split's accuracy every N steps (a curve)")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -68,21 +84,28 @@ def main():
     llm = load_llm(get_profile("cpu"))
     for design in args.designs:
         for seed in args.seeds:
-            model = build(design, llm, vision, seed)
+            model, inputs = build(design, llm, vision, seed, profile)
+            train_x, eval_x, blank_x = inputs(train_feats.features), inputs(eval_feats.features), inputs(blank)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             gates = {n: args.gate_lr_scale for n, _ in model.named_parameters() if n.endswith("_gate")}
-            config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=5, seed=seed, desc=design, lr_scales=gates)
+            config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=5, seed=seed, desc=design, lr_scales=gates,
+                                 eval_every=args.eval_every)
+
+            def curve(m):
+                return {"accuracy": vqa_accuracy(answer_all(m, eval_x, eval_rows), answers, types)["overall"]}
             start = time.perf_counter()
-            result = train(model, instruction_batches(train_feats.features, train_rows, args.batch_size),
-                           lambda m, b: {"loss": m(b["image_embeds"], b["instructions"], b["answers"])}, config)
+            result = train(model, instruction_batches(train_x, train_rows, args.batch_size),
+                           lambda m, b: {"loss": m(b["image_embeds"], b["instructions"], b["answers"])}, config,
+                           eval_fn=curve if args.eval_every else None)
             seconds = time.perf_counter() - start
-            seen = vqa_accuracy(answer_all(model, eval_feats.features, eval_rows), answers, types)
-            blind = vqa_accuracy(answer_all(model, blank, eval_rows), answers, types)
+            seen = vqa_accuracy(answer_all(model, eval_x, eval_rows), answers, types)
+            blind = vqa_accuracy(answer_all(model, blank_x, eval_rows), answers, types)
             row = {"design": design, "seed": seed, "steps": args.steps, "trainable": trainable,
                    "lr": args.lr, "gate_lr_scale": args.gate_lr_scale, "s_per_step": round(seconds / args.steps, 2), "last10_loss": round(
                        sum(result.column("loss")[-10:]) / 10, 3),
                    "accuracy": {k: round(v, 3) for k, v in seen.items()},
-                   "blank": {k: round(v, 3) for k, v in blind.items()}}
+                   "blank": {k: round(v, 3) for k, v in blind.items()},
+                   "curve": [(e["step"], round(e["accuracy"], 3)) for e in result.evals]}
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

@@ -128,14 +128,15 @@ def itg_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_
     return decoder_ids, labels
 
 
-def itg_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1,
+def itg_loss(outputs: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1,
              lm_head: torch.nn.Module | None = None) -> torch.Tensor:
     """Next-token cross-entropy: position t predicts label t+1 (BLIP-2 smooths labels by 0.1).
 
-    With ``lm_head``, ``logits`` are the decoder's hidden states and only the positions that predict a
-    label go through the head: the same loss, without projecting padding onto the whole vocabulary.
+    ``outputs``: the decoder's logits (B, T, V), or, with ``lm_head``, its hidden states (B, T, H), of which only
+    the positions that predict a label go through the head: the same loss, without projecting padding onto the
+    whole vocabulary.
     """
-    shifted_logits = logits[:, :-1]
+    shifted_logits = outputs[:, :-1]
     shifted_labels = labels[:, 1:]
     if lm_head is not None:
         keep = shifted_labels != IGNORE_INDEX
