@@ -67,29 +67,19 @@ class SoftPromptVQA(SoftPromptCaptioner):
 
     @torch.no_grad()
     def answer(self, image_embeds: torch.Tensor, instructions: list[str], max_new_tokens: int = 6) -> list[str]:
-        """Greedy answers. Rows are left-padded before their soft prompts, so each reads as if it were alone; the
-        whole (short) sequence is re-read at each step."""
+        """Greedy answers. Each row is left-padded in front of its soft prompts ([pad ...] [soft prompts] [prompt]),
+        so that it reads as if it were alone (the LLM's ``generate`` counts positions from the attention mask)."""
         soft = self.soft_prompts(image_embeds).to(self._llm_dtype)
         ids, text_mask = prompt_inputs(self.tokenizer, instructions, self.pad_id)
-        pad = (text_mask == 0).sum(1)
-        # [pad ...] [soft prompts] [prompt]: move each row's padding in front of its soft prompts
         text = self._embed(ids).to(self._llm_dtype)
-        embeds = torch.stack([torch.cat([text[i, :p], soft[i], text[i, p:]]) for i, p in enumerate(pad.tolist())])
-        mask = torch.stack([torch.cat([text_mask[i, :p], torch.ones(soft.shape[1], dtype=torch.long),
-                                       text_mask[i, p:]]) for i, p in enumerate(pad.tolist())]).to(self.device)
-        new, done = [], torch.zeros(len(instructions), dtype=torch.bool, device=self.device)
-        for _ in range(max_new_tokens):
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = self.llm_model.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
-                                                  position_ids=position_ids).last_hidden_state[:, -1]
-            token = self.llm_model.get_output_embeddings()(hidden).argmax(-1).masked_fill(done, self.eos_id)
-            new.append(token)
-            done |= token == self.eos_id
-            if done.all():
-                break
-            embeds = torch.cat([embeds, self._embed(token[:, None]).to(self._llm_dtype)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in torch.stack(new, 1)]
+        ones = torch.ones(soft.shape[1], dtype=torch.long)
+        pads = (text_mask == 0).sum(1).tolist()
+        embeds = torch.stack([torch.cat([text[i, :p], soft[i], text[i, p:]]) for i, p in enumerate(pads)])
+        mask = torch.stack([torch.cat([text_mask[i, :p], ones, text_mask[i, p:]]) for i, p in enumerate(pads)])
+        out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask.to(self.device),
+                                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.eos_id,
+                                      pad_token_id=self.pad_id)
+        return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out]
 
 
 class FlamingoVQA(nn.Module):
