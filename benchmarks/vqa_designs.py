@@ -25,7 +25,7 @@ from vlmcourse.llava import PatchMLPConnector, llava_connector
 from vlmcourse.connectors import MeanPoolConnector, PrecomputedConnector, QFormerConnector
 from vlmcourse.pipeline import load_or_train_stage1
 from vlmcourse.recipes import SHAPES_STAGE1, shapes_profile
-from vlmcourse.utils import in_batches, seed_everything
+from vlmcourse.utils import in_batches, peak_memory_mb, seed_everything
 from vlmcourse.train import TrainConfig, train
 from vlmcourse.vqa import FlamingoVQA, SoftPromptVQA, answer_all, instruction_batches
 
@@ -109,7 +109,8 @@ def main():
                        sum(result.column("loss")[-10:]) / 10, 3),
                    "accuracy": {k: round(v, 3) for k, v in seen.items()},
                    "blank": {k: round(v, 3) for k, v in blind.items()},
-                   "curve": [(e["step"], round(e["accuracy"], 3)) for e in result.evals]}
+                   "curve": [(e["step"], round(e["accuracy"], 3)) for e in result.evals],
+                   "peak_mb_so_far": round(peak_memory_mb()), "threads": torch.get_num_threads()}
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
