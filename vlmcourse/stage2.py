@@ -233,7 +233,11 @@ class SoftPromptCaptioner(nn.Module):
         """
         if captions and not isinstance(captions[0], str):
             return self.grouped_loss(image_embeds, captions)
-        embeds, attention_mask, labels = self.build_inputs(image_embeds, captions)
+        return self.labelled_loss(*self.build_inputs(image_embeds, captions))
+
+    def labelled_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss over the labelled positions of ``inputs_embeds`` (labels -100 elsewhere), as
+        ``llm(..., labels=labels).loss``; only the positions that predict a label go through the LM head."""
         targets = labels[:, 1:]                                    # position i predicts token i + 1
         keep = targets != IGNORE_INDEX
         hidden = self.llm_model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state

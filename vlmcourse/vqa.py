@@ -16,8 +16,8 @@ from torch import nn
 
 from .flamingo import FlamingoLM
 from .instruct import chat_prompt
-from .stage2 import IGNORE_INDEX, SoftPromptCaptioner
-from .utils import eval_mode
+from .stage2 import IGNORE_INDEX, SoftPromptCaptioner, text_inputs
+from .utils import eval_mode, in_batches
 
 
 def answer_inputs(tokenizer, instructions: list[str], answers: list[str], eos_id: int):
@@ -25,22 +25,21 @@ def answer_inputs(tokenizer, instructions: list[str], answers: list[str], eos_id
     are the answer's tokens and the EOS, -100 on the prompt and the padding."""
     if len(instructions) != len(answers):
         raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers")
-    rows, targets = [], []
-    for instruction, answer in zip(instructions, answers):
-        prompt = tokenizer(chat_prompt(None, instruction), add_special_tokens=False).input_ids
-        reply = tokenizer(answer.strip(), add_special_tokens=False).input_ids + [eos_id]
-        rows.append(prompt + reply)
-        targets.append([IGNORE_INDEX] * len(prompt) + reply)
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [eos_id] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    labels = torch.tensor([t + [IGNORE_INDEX] * (width - len(t)) for t in targets])
+    prompts = [prompt_ids(tokenizer, i) for i in instructions]
+    replies = [tokenizer(a.strip(), add_special_tokens=False).input_ids + [eos_id] for a in answers]
+    ids, mask, labels = text_inputs([torch.tensor(p + r) for p, r in zip(prompts, replies)], eos_id)
+    for i, prompt in enumerate(prompts):
+        labels[i, :len(prompt)] = IGNORE_INDEX             # the question is given, not predicted
     return ids, mask, labels
+
+
+def prompt_ids(tokenizer, instruction: str) -> list[int]:
+    return tokenizer(chat_prompt(None, instruction), add_special_tokens=False).input_ids
 
 
 def prompt_inputs(tokenizer, instructions: list[str], pad_id: int):
     """(ids, attention_mask) of the chat prompts, left-padded, for decoding the answers."""
-    rows = [tokenizer(chat_prompt(None, i), add_special_tokens=False).input_ids for i in instructions]
+    rows = [prompt_ids(tokenizer, i) for i in instructions]
     width = max(map(len, rows))
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
@@ -59,11 +58,8 @@ class SoftPromptVQA(SoftPromptCaptioner):
         embeds = torch.cat([soft, self._embed(ids).to(self._llm_dtype)], dim=1)
         b, q = soft.shape[:2]
         mask = torch.cat([torch.ones(b, q, dtype=torch.long), mask], 1).to(self.device)
-        targets = torch.cat([torch.full((b, q), IGNORE_INDEX), labels], 1)[:, 1:].to(self.device)
-        keep = targets != IGNORE_INDEX                                # position i predicts token i + 1
-        hidden = self.llm_model.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = self.llm_model.get_output_embeddings()(hidden[:, :-1][keep])
-        return nn.functional.cross_entropy(logits.float(), targets[keep])
+        labels = torch.cat([torch.full((b, q), IGNORE_INDEX), labels], 1).to(self.device)
+        return self.labelled_loss(embeds, mask, labels)
 
     @torch.no_grad()
     def answer(self, image_embeds: torch.Tensor, instructions: list[str], max_new_tokens: int = 6) -> list[str]:
@@ -121,10 +117,7 @@ def instruction_batches(features: torch.Tensor, rows: list[dict], batch_size: in
 def answer_all(model, features: torch.Tensor, rows: list[dict], batch_size: int = 32,
                max_new_tokens: int = 6) -> list[str]:
     """The model's greedy answer to every row (in eval mode)."""
-    out = []
     with eval_mode(model):
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            out += model.answer(features[[r["image"] for r in chunk]].float(), [r["instruction"] for r in chunk],
-                                max_new_tokens)
-    return out
+        return in_batches(lambda chunk: model.answer(features[[r["image"] for r in chunk]].float(),
+                                                     [r["instruction"] for r in chunk], max_new_tokens),
+                          rows, batch_size=batch_size)
