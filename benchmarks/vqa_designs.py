@@ -35,8 +35,9 @@ def build(design: str, llm, vision, seed: int, profile):
     seed_everything(seed)
     hidden = llm.model.config.hidden_size
     same = (lambda x: x)
-    if design in ("linear", "mlp"):
-        connector, width = llava_connector(design, vision.num_patches, vision.hidden_size, hidden)
+    if design in ("linear", "mlp", "mlp-adapter"):      # mlp-adapter: LayerNorm and sin-cos positions first
+        connector, width = llava_connector(design.split("-")[0], vision.num_patches, vision.hidden_size, hidden,
+                                           image_adapter=design == "mlp-adapter")
         return SoftPromptVQA(connector, width, llm), same
     if design == "mlp-pooled":  # the patch grid average-pooled to 4x4 once (no weights), then LLaVA's MLP
         pool = MeanPoolConnector(vision.grid_size, 4)
@@ -65,7 +66,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--designs", nargs="+", default=["mlp", "resampler", "flamingo"])
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="question rows a step")
+    ap.add_argument("--per-image", type=int, default=0,
+                    help="k: batch-size / k photos a step, k questions each, sharing the photo's prefix pass")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--gate-lr-scale", type=float, default=1.0, help="Flamingo's tanh gates learn at this multiple")
     ap.add_argument("--split", default="dev")
@@ -89,6 +92,7 @@ def main():
     for design in args.designs:
         for seed in args.seeds:
             model, inputs = build(design, llm, vision, seed, profile)
+            per_image = args.per_image if isinstance(model, SoftPromptVQA) else 0   # Flamingo has no prefix to share
             train_x, eval_x, blank_x = inputs(train_feats.features), inputs(eval_feats.features), inputs(blank)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             gates = {n: args.gate_lr_scale for n, _ in model.named_parameters() if n.endswith("_gate")}
@@ -98,15 +102,16 @@ def main():
             def curve(m):
                 return {"accuracy": vqa_accuracy(answer_all(m, eval_x, eval_rows), answers, types)["overall"]}
             start = time.perf_counter()
-            result = train(model, instruction_batches(train_x, train_rows, args.batch_size),
+            result = train(model, instruction_batches(train_x, train_rows, args.batch_size, per_image),
                            lambda m, b: {"loss": m(b["image_embeds"], b["instructions"], b["answers"])}, config,
                            eval_fn=curve if args.eval_every else None)
             seconds = time.perf_counter() - start
             seen = vqa_accuracy(answer_all(model, eval_x, eval_rows), answers, types)
             blind = vqa_accuracy(answer_all(model, blank_x, eval_rows), answers, types)
-            row = {"design": design, "seed": seed, "steps": args.steps, "trainable": trainable,
-                   "lr": args.lr, "gate_lr_scale": args.gate_lr_scale, "s_per_step": round(seconds / args.steps, 2), "last10_loss": round(
-                       sum(result.column("loss")[-10:]) / 10, 3),
+            row = {"design": design, "seed": seed, "steps": args.steps, "trainable": trainable, "lr": args.lr,
+                   "batch": args.batch_size, "per_image": per_image, "gate_lr_scale": args.gate_lr_scale,
+                   "s_per_step": round(seconds / args.steps, 2),
+                   "last10_loss": round(sum(result.column("loss")[-10:]) / 10, 3),
                    "accuracy": {k: round(v, 3) for k, v in seen.items()},
                    "blank": {k: round(v, 3) for k, v in blind.items()},
                    "curve": [(e["step"], round(e["accuracy"], 3)) for e in result.evals],

@@ -19,7 +19,7 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CONVERTED = ["01_vit_patches", "02_clip_contrastive", "03_qformer_masks", "04_stage1_losses", "05_stage2_soft_prompts",
-             "06_lora_captioning", "07_attention_maps", "99_wrap_up"]
+             "06_lora_captioning", "07_attention_maps", "08_beyond_blip2", "99_wrap_up"]
 
 NUMBER = re.compile(r"(?<![\w.\-/^])\d+(?:,\d{3})+(?:\.\d+)?(?![\w])|(?<![\w.\-/^])\d+(?:\.\d+)?")
 SOURCES = re.compile(r"<!--\s*sources:(.*?)-->", re.S)

@@ -4,12 +4,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from vlmcourse.backbones import load_llm
 from vlmcourse.connectors import PatchConnector
 from vlmcourse.instruct import chat_prompt, instruction_pairs
 from vlmcourse.stage2 import IGNORE_INDEX
-from vlmcourse.vqa import FlamingoVQA, SoftPromptVQA, answer_all, answer_inputs, instruction_batches, prompt_inputs
+from vlmcourse.vqa import (FlamingoVQA, SoftPromptVQA, answer_all, answer_inputs, design_card, instruction_batches,
+                           prompt_inputs)
 
 N, D = 4, 24         # patches, image-encoder width
 QUESTIONS = ["What colour is the circle?", "How many shapes are there?", "Where is the square in the photo?"]
@@ -146,3 +148,92 @@ def test_instruction_batches_and_answer_all(llm):
     assert len(out) == len(rows) and model.training
     with pytest.raises(ValueError, match="no instruction rows"):
         instruction_batches(features, [], 4)
+
+
+def test_grouped_questions_give_the_ungrouped_loss_and_gradients(sharp_llm):
+    """A photo's questions continuing one prefix pass (its soft prompts' keys and values) against one row per
+    question, each reading the soft prompts again: the same loss and the same gradient for every trainable weight."""
+    model = SoftPromptVQA(nn.Sequential(nn.Linear(D, D), nn.GELU()), D, sharp_llm).train()
+    x = images()
+    grouped = [QUESTIONS, QUESTIONS[:1], QUESTIONS[1:]]
+    answers = [ANSWERS, ANSWERS[:1], ANSWERS[1:]]
+    rows = [i for i, qs in enumerate(grouped) for _ in qs]
+
+    def loss_and_grads(*args):
+        model.zero_grad(set_to_none=True)
+        loss = model(*args)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    flat_loss, flat_grads = loss_and_grads(x[rows], sum(grouped, []), sum(answers, []))
+    loss, grads = loss_and_grads(x, grouped, answers)
+    torch.testing.assert_close(loss, flat_loss, rtol=1e-5, atol=1e-6)
+    assert set(grads) == {"connector.0.weight", "connector.0.bias", "proj.weight", "proj.bias"}
+    for name, g in flat_grads.items():
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=name)
+    with pytest.raises(ValueError, match="one answer per instruction"):
+        model(x, grouped, [ANSWERS, ANSWERS, ANSWERS])
+
+
+def test_instruction_batches_grouped_per_image(llm):
+    objects = [[{"shape": "circle", "colour": "red", "size": "small", "position": "top left"}],
+               [{"shape": "square", "colour": "blue", "size": "large", "position": "bottom right"},
+                {"shape": "triangle", "colour": "green", "size": "small", "position": "left"}]]
+    rows = [r for r in instruction_pairs(objects) if r["type"] != "caption"]
+    features = images(batch=2)
+    batch = instruction_batches(features, rows, 6, per_image=3)(0, torch.Generator().manual_seed(0))
+    assert batch["image_embeds"].shape == (2, N, D)
+    for x, qs, answers in zip(batch["image_embeds"], batch["instructions"], batch["answers"]):
+        image = next(i for i in range(2) if torch.equal(x, features[i]))
+        mine = {(r["instruction"], r["answer"]) for r in rows if r["image"] == image}
+        assert len(qs) == len(set(qs)) == min(3, len(mine)) and set(zip(qs, answers)) <= mine
+
+
+def test_answer_all_asks_each_image_each_question_once(llm):
+    """A blank photo standing in for every image: rows that ask it the same question are answered once."""
+    model = soft_vqa(llm)
+    rows = [{"image": 0, "instruction": q} for q in QUESTIONS * 3]
+    asked = []
+    answer = model.answer
+    model.answer = lambda x, questions, n: asked.extend(questions) or answer(x, questions, n)
+    out = answer_all(model, images(batch=1), rows, batch_size=2, max_new_tokens=2)
+    assert sorted(asked) == sorted(QUESTIONS) and out == out[:3] * 3
+
+
+def test_design_cards_read_the_models(llm):
+    soft = soft_vqa(llm)
+    card = design_card("soft", soft)
+    assert card["image tokens in the input"] == N and card["trainable parameters"] == sum(
+        p.numel() for p in soft.proj.parameters())
+    assert card["LLM layers that read the image"] == list(range(llm.model.config.num_hidden_layers))
+    flamingo = FlamingoVQA(llm, D, every=1, num_latents=2, resampler_layers=1, resampler_size=16, num_heads=2,
+                           head_size=8, ff_mult=2)
+    card = design_card("flamingo", flamingo)
+    assert card["image tokens in the input"] == 0 and card["image enters"].startswith("cross-attention")
+    assert card["LLM layers that read the image"] == list(range(llm.model.config.num_hidden_layers))
+    assert card["trainable parameters"] == flamingo.lm.num_trainable_parameters() > 0
+    flamingo.lm.remove_hooks()
+
+
+def test_the_notebooks_vqa_recipe_trains_saves_and_reloads(tmp_path, monkeypatch):
+    """notebook 08's load_or_train_vqa on the tiny profile's shapes world: trained once (grouped batches), saved
+    without the LLM, reloaded with the same connector (the image adapter included)."""
+    from vlmcourse import get_profile
+    from vlmcourse.adapter import ImageAdapter
+    from vlmcourse.pipeline import load_or_train_vqa
+    from vlmcourse.recipes import VQARecipe, vqa_dir
+    from vlmcourse.utils import cache_dir
+
+    llm_cache = cache_dir("llm")        # the tokenizer the tiny LLM borrows, converted once
+    monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path))
+    (tmp_path / "llm").symlink_to(llm_cache)
+    profile = get_profile("tiny", data="shapes")
+    recipe = VQARecipe(steps=3, batch_size=4, per_image=2, image_adapter=True)
+    model, result = load_or_train_vqa(profile, recipe)
+    assert len(result.column("loss")) == 3 and vqa_dir(profile, recipe).name.startswith("vqa-tiny-shapes-")
+    assert isinstance(model.connector.adapter, ImageAdapter)
+    again, history = load_or_train_vqa(profile, recipe)
+    assert history.column("loss") == result.column("loss")
+    x = torch.randn(2, model.connector.num_tokens, model.connector.fc.in_features)
+    with torch.no_grad():
+        assert torch.equal(again.soft_prompts(x), model.soft_prompts(x))

@@ -1,6 +1,7 @@
 """The course's training runs, from their recipes, and the hand-off between notebooks.
 
     stage 1 (train_stage1) -> stage 2 (train_stage2) -> the LoRA captioner (train_captioner)
+    notebook 08's question answering on the shapes world (train_vqa)
 
 Each run trains on cached image features of the train split with ``train.train`` (the one loop). Each is trained
 once and saved under ``$VLMCOURSE_CACHE/models`` in a folder named by the profile and the recipe's key
@@ -19,14 +20,17 @@ from .backbones import load_llm, load_text_encoder, load_vision_encoder
 from .connectors import MeanPoolConnector, PatchConnector, PrecomputedConnector, QFormerConnector
 from .evaluate import mean_caption_loss
 from .features import captions_for, split_features
+from .instruct import instruction_pairs
+from .llava import llava_connector
 from .lora import LoRACaptioner
 from .profiles import Profile, as_profile
-from .recipes import (CaptionerRecipe, Stage1Recipe, Stage2Recipe, bridge_config, captioner_dir, save_trained,
-                      stage1_dir, stage2_dir)
+from .recipes import (CaptionerRecipe, Stage1Recipe, Stage2Recipe, VQARecipe, bridge_config, captioner_dir,
+                      save_trained, stage1_dir, stage2_dir, vqa_dir)
 from .stage1 import Stage1Config, Stage1Model, retrieval
 from .stage2 import SoftPromptCaptioner
 from .train import TrainConfig, TrainResult, caption_batches, train
 from .utils import seed_everything
+from .vqa import SoftPromptVQA, instruction_batches
 
 
 def load_or_train(path: Path, recipe, load: Callable, train_fn: Callable, retrain: bool = False):
@@ -211,3 +215,39 @@ def load_or_train_captioner(profile: Profile | str | None = None, recipe: Captio
     return load_or_train(captioner_dir(profile, recipe), recipe,
                          lambda path: LoRACaptioner.from_pretrained(path, llm, profile),
                          lambda: train_captioner(profile, recipe, llm, eval_split), retrain)
+
+
+# ----------------------------------------------------------------------------- question answering (notebook 08)
+def question_rows(dataset, seed: int = 0, phrasings: str = "train") -> list[dict]:
+    """The shapes ``dataset``'s questions as instruction rows (``instruct.instruction_pairs``), without the caption
+    requests: every answer is one or two words."""
+    return [r for r in instruction_pairs(dataset.objects, seed=seed, phrasings=phrasings) if r["type"] != "caption"]
+
+
+def train_vqa(profile: Profile | str | None = None, recipe: VQARecipe | None = None,
+              llm=None) -> tuple[SoftPromptVQA, TrainResult]:
+    """A ``SoftPromptVQA`` with ``recipe.design``'s connector, trained on the questions of the profile's (shapes) train
+    split; ``llm``: the frozen LLM, if already loaded (else the profile's)."""
+    profile, recipe = as_profile(profile), recipe or VQARecipe()
+    vision = load_vision_encoder(profile)
+    feats, dataset = split_features(profile, "train", vision)
+    llm = llm or load_llm(profile)
+    seed_everything(recipe.seed)
+    connector, width = llava_connector(recipe.design, vision.num_patches, vision.hidden_size,
+                                       llm.model.config.hidden_size, recipe.image_adapter)
+    model = SoftPromptVQA(connector, width, llm)
+    config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
+                         desc="VQA")
+    batches = instruction_batches(feats.features, question_rows(dataset), recipe.batch_size, recipe.per_image)
+    result = train(model, batches, lambda m, b: {"loss": m(b["image_embeds"], b["instructions"], b["answers"])},
+                   config)
+    return model.eval(), result
+
+
+def load_or_train_vqa(profile: Profile | str | None = None, recipe: VQARecipe | None = None, llm=None,
+                      retrain: bool = False) -> tuple[SoftPromptVQA, TrainResult]:
+    """``train_vqa``, trained once per (profile, recipe) and then loaded from the cache."""
+    profile, recipe = as_profile(profile), recipe or VQARecipe()
+    return load_or_train(vqa_dir(profile, recipe), recipe,
+                         lambda path: SoftPromptVQA.from_pretrained(path, llm or load_llm(profile)),
+                         lambda: train_vqa(profile, recipe, llm), retrain)

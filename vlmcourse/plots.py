@@ -1,9 +1,9 @@
-"""The notebooks' figures (01-06), kept apart from the models: only notebooks import this file.
+"""The notebooks' figures (01-06, 08), kept apart from the models: only notebooks import this file.
 
 Each function draws on a matplotlib axis or figure and returns it; none trains or changes a model.
 Sections follow the course: patches and position embeddings (01), attention masks (03, 04),
-contrastive learning and retrieval (02, 04), stage 1 (04), stage 2 and captions (05, 06). The
-attention-map figures and the explorer of notebook 07 live in ``viz.py``.
+contrastive learning and retrieval (02, 04), stage 1 (04), stage 2 and captions (05, 06), where the image enters
+the LLM (08). The attention-map figures and the explorer of notebook 07 live in ``viz.py``.
 """
 from __future__ import annotations
 
@@ -518,3 +518,40 @@ def plot_course_map(ax=None):
     ax.set(xlim=(0, 0.97), ylim=(0, 1.02))
     ax.axis("off")
     return ax
+
+
+# ---------------------------------------------------------------------------- beyond BLIP-2 (notebook 08)
+def plot_vlm_designs(cards: Sequence[dict], text_tokens: int, num_layers: int):
+    """Where each design puts the image (``vqa.design_card`` rows), in three panels: the positions of the LLM's input
+    (image tokens, then ``text_tokens`` of question and answer), the LLM's ``num_layers`` layers (dark where a layer
+    reads the image through a new cross-attention, light where it reads image tokens with its own self-attention),
+    and the weights that train (log scale)."""
+    fig, (seq, layers, params) = plt.subplots(1, 3, figsize=(16, 1.2 + 0.85 * len(cards)), layout="constrained",
+                                              gridspec_kw={"width_ratios": [1.3, 1.1, 0.9]})
+    y = np.arange(len(cards))[::-1]
+    image_colour, text_colour = "#d62728", "#b0b0b0"
+    for row, card in zip(y, cards):
+        n = card["image tokens in the input"]
+        seq.barh(row, n, color=image_colour, height=0.6)
+        seq.barh(row, text_tokens, left=n, color=text_colour, height=0.6)
+        seq.text(n + text_tokens + 1, row, f"{n} + {text_tokens}", va="center", fontsize=10)
+        cross = card["image enters"].startswith("cross")
+        for layer in range(num_layers):
+            reads = layer in card["LLM layers that read the image"]
+            colour = image_colour if reads and cross else ("#f4b6b6" if reads else "#eeeeee")
+            layers.add_patch(Rectangle((layer, row - 0.3), 0.9, 0.6, color=colour))
+        params.barh(row, card["trainable parameters"] / 1e6, color="#1f77b4", height=0.6)
+        params.text(card["trainable parameters"] / 1e6 * 1.15, row, f"{card['trainable parameters'] / 1e6:.2f}M",
+                    va="center", fontsize=10)
+    seq.set(yticks=y, yticklabels=[c["design"] for c in cards], xlabel="positions in the LLM's input",
+            title="what the LLM reads: image tokens, then the text")
+    seq.set_xlim(0, max(c["image tokens in the input"] for c in cards) + text_tokens + 14)
+    seq.legend(handles=[Patch(color=image_colour, label="image tokens"),
+                        Patch(color=text_colour, label="question, answer")], loc="lower right", fontsize=9)
+    layers.set(xlim=(0, num_layers), ylim=(y.min() - 0.6, y.max() + 0.6), yticks=[], xlabel="LLM layer",
+               title="where the image is read")
+    layers.legend(handles=[Patch(color=image_colour, label="new gated cross-attention"),
+                           Patch(color="#f4b6b6", label="the LLM's own self-attention")], loc="lower right", fontsize=9)
+    params.set(xscale="log", yticks=[], xlabel="trainable parameters (millions, log scale)", title="what trains")
+    params.set_xlim(right=max(c["trainable parameters"] for c in cards) / 1e6 * 8)
+    return fig

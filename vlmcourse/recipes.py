@@ -243,6 +243,30 @@ NOTEBOOK_CAPTIONER = CaptionerRecipe(connector="qformer", lora=LoraSettings(), b
                                      stage2=replace(NOTEBOOK_STAGE2, lr=3e-4))
 
 
+@dataclass
+class VQARecipe(Recipe):
+    """Notebook 08: a connector (``llava.llava_connector``'s kind) trained on the shapes world's questions in front of
+    the frozen LLM. ``per_image`` rows of one photo continue its one prefix pass (``SoftPromptVQA``'s grouped loss), so
+    a step of 32 rows reads 8 photos' image tokens once each. Chosen on the dev split (docs/recipes.md, section 08):
+    8 photos of 4 questions learn more in 50 steps than 4 photos of 8 in 60."""
+
+    design: str = "mlp"
+    image_adapter: bool = False    # LayerNorm and positions on the patches first (llava.PatchMLPConnector)
+    steps: int = 50
+    lr: float = 3e-3
+    batch_size: int = 32           # question rows a step
+    per_image: int = 4             # of one photo each (0: every row its own photo and prefix)
+    warmup_steps: int = 5
+    seed: int = 0
+
+
+NOTEBOOK_VQA = VQARecipe()
+
+
+def vqa_dir(profile: Profile, recipe: VQARecipe) -> Path:
+    return cache_dir("models") / f"vqa-{profile_tag(profile)}-{recipe.key()}"
+
+
 def _given(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 

@@ -259,24 +259,34 @@ class SoftPromptCaptioner(nn.Module):
             raise ValueError(f"{image_embeds.shape[0]} images but {len(captions)} caption lists")
         if not all(captions):
             raise ValueError("every image needs at least one caption: got an empty caption list")
+        ids, text_mask, text_labels = self._text_inputs([c for caps in captions for c in caps])
+        return self.continuation_loss(self.prefix_embeds(image_embeds), list(map(len, captions)),
+                                      ids, text_mask, text_labels)
+
+    def continuation_loss(self, prefix: torch.Tensor, counts: list[int], ids: torch.Tensor,
+                          attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of text rows that each continue one of the prefixes: ``prefix`` (I, L, H) goes
+        through the LLM once, prefix i's keys and values serve the next ``counts[i]`` rows of ``ids`` (R, T), with
+        their ``attention_mask`` and ``labels`` (-100 where nothing is predicted)."""
         from transformers import DynamicCache
 
+        if len(counts) != prefix.shape[0] or sum(counts) != ids.shape[0]:
+            raise ValueError(f"{prefix.shape[0]} prefixes, {len(counts)} counts summing to {sum(counts)}, "
+                             f"{ids.shape[0]} text rows")
         decoder = self.llm_model.get_decoder()
-        prefix = self.prefix_embeds(image_embeds)                          # (I, L, H), L = Q + prompt
-        image_of = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], device=self.device)
+        image_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(self.device)
         cache = DynamicCache(config=decoder.config)
         first = decoder(inputs_embeds=prefix, use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state
-        for layer in cache.layers:      # one row per caption; index_select's backward adds each image's rows in order
+        for layer in cache.layers:      # one row per text; index_select's backward adds each prefix's rows in order
             layer.keys, layer.values = layer.keys.index_select(0, image_of), layer.values.index_select(0, image_of)
-        ids, text_mask, text_labels = self._text_inputs([c for caps in captions for c in caps])
         b, (n, t) = len(ids), (prefix.shape[1], ids.shape[1])
-        attention_mask = torch.cat([torch.ones(b, n, dtype=torch.long), text_mask], dim=1).to(self.device)
-        position_ids = torch.arange(n, n + t, device=self.device).unsqueeze(0)   # the caption continues the prefix
+        attention_mask = torch.cat([torch.ones(b, n, dtype=torch.long), attention_mask], dim=1).to(self.device)
+        position_ids = torch.arange(n, n + t, device=self.device).unsqueeze(0)   # the text continues the prefix
         hidden = decoder(inputs_embeds=self._embed(ids).to(self._llm_dtype), attention_mask=attention_mask,
                          position_ids=position_ids, **{_cache_argument(decoder): cache}).last_hidden_state
-        # the prefix's last position predicts each caption's first token, caption position i the token i + 1
+        # the prefix's last position predicts each row's first token, row position i the token i + 1
         hidden = torch.cat([first[:, -1:].index_select(0, image_of), hidden[:, :-1]], dim=1)
-        targets = text_labels.to(self.device)
+        targets = labels.to(self.device)
         keep = targets != IGNORE_INDEX
         logits = self.llm_model.get_output_embeddings()(hidden[keep])
         # several processes hold unequal numbers of tokens: each returns its share of the global mean
