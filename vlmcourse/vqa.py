@@ -150,7 +150,8 @@ def answer_all(model, features: torch.Tensor, rows: list[dict], batch_size: int 
         said = in_batches(lambda chunk: model.answer(features[[i for i, _ in chunk]].float(),
                                                      [q for _, q in chunk], max_new_tokens),
                           asked, batch_size=batch_size)
-    return [dict(zip(asked, said))[(r["image"], r["instruction"])] for r in rows]
+    answers = dict(zip(asked, said))
+    return [answers[(r["image"], r["instruction"])] for r in rows]
 
 
 def design_card(name: str, model) -> dict:
