@@ -1,7 +1,7 @@
 """Where the image enters a frozen LLM, side by side on the shapes world's questions (issue 21; notebook 08).
 
-Each design trains the same number of steps on the same instruction rows (instruct.instruction_pairs of the train
-scenes, the caption requests left out: one-word answers), with SmolLM2 frozen, and answers the dev (or test)
+Each design trains the same number of steps on the same instruction rows (``pipeline.question_rows``: the train
+scenes' questions, one-word answers), with SmolLM2 frozen, and answers the dev (or test)
 questions greedily. Printed per design: image tokens added to the LLM's input, trainable parameters, seconds a step,
 VQA accuracy per question type, the same model shown a blank photo, and the text-only prior.
 
@@ -20,10 +20,10 @@ from vlmcourse.backbones import load_llm, load_vision_encoder
 from vlmcourse.evaluate import blank_image_features
 from vlmcourse.features import split_features
 from vlmcourse.flamingo import PerceiverResampler, ResamplerConfig
-from vlmcourse.instruct import instruction_pairs, text_prior_answers, vqa_accuracy
+from vlmcourse.instruct import text_prior_answers, vqa_accuracy
 from vlmcourse.llava import PatchMLPConnector, llava_connector
 from vlmcourse.connectors import MeanPoolConnector, PrecomputedConnector, QFormerConnector
-from vlmcourse.pipeline import load_or_train_stage1
+from vlmcourse.pipeline import load_or_train_stage1, question_rows
 from vlmcourse.recipes import SHAPES_STAGE1, shapes_profile
 from vlmcourse.utils import in_batches, peak_memory_mb, seed_everything
 from vlmcourse.train import TrainConfig, train
@@ -81,8 +81,7 @@ def main():
     profile = shapes_profile(get_profile("cpu"))
     vision = load_vision_encoder(profile)
     (train_feats, train_ds), (eval_feats, eval_ds) = (split_features(profile, s, vision) for s in ("train", args.split))
-    train_rows = [r for r in instruction_pairs(train_ds.objects) if r["type"] != "caption"]
-    eval_rows = [r for r in instruction_pairs(eval_ds.objects, seed=1) if r["type"] != "caption"][:args.questions]
+    train_rows, eval_rows = question_rows(train_ds), question_rows(eval_ds, seed=1)[:args.questions]
     answers, types = [r["answer"] for r in eval_rows], [r["type"] for r in eval_rows]
     prior = text_prior_answers(train_rows)
     print("text prior:", json.dumps({k: round(v, 3) for k, v in
