@@ -195,7 +195,7 @@ def test_answer_all_asks_each_image_each_question_once(llm):
     rows = [{"image": 0, "instruction": q} for q in QUESTIONS * 3]
     asked = []
     answer = model.answer
-    model.answer = lambda x, questions, n: asked.extend(questions) or answer(x, questions, n)
+    model.answer = lambda x, questions, n: asked.extend(sum(questions, [])) or answer(x, questions, n)
     out = answer_all(model, images(batch=1), rows, batch_size=2, max_new_tokens=2)
     assert sorted(asked) == sorted(QUESTIONS) and out == out[:3] * 3
 
@@ -237,3 +237,28 @@ def test_the_notebooks_vqa_recipe_trains_saves_and_reloads(tmp_path, monkeypatch
     x = torch.randn(2, model.connector.num_tokens, model.connector.fc.in_features)
     with torch.no_grad():
         assert torch.equal(again.soft_prompts(x), model.soft_prompts(x))
+
+
+@pytest.mark.parametrize("eos_scale", [1.0, 4.0], ids=["no early stop", "some answers stop at once"])
+def test_grouped_answers_equal_each_question_answered_alone(sharp_llm, eos_scale):
+    """Several questions per photo, the photo's soft prompts read once and the questions right-padded after them:
+    the greedy answers must be those of each question asked alone. The EOS row of the output layer is scaled up so
+    that some answers end at their first token and others run on: the loop's stopping is checked too."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(sharp_llm.model.config).eval()
+    eos = sharp_llm.tokenizer.eos_token_id
+    with torch.no_grad():
+        lm.lm_head.weight[eos] *= eos_scale
+    model = soft_vqa(SimpleNamespace(model=lm, tokenizer=sharp_llm.tokenizer)).eval()
+    x, asked = images(), [QUESTIONS, QUESTIONS[:1], QUESTIONS[::-1][:2]]
+    grouped = model.answer(x, asked, max_new_tokens=6)
+    alone = [[model.answer(x[i:i + 1], [q], max_new_tokens=6)[0] for q in qs] for i, qs in enumerate(asked)]
+    assert grouped == alone
+    flat = sum(grouped, [])
+    assert (eos_scale == 1.0) == all(flat) and len(set(flat)) > 3                  # some empty only when scaled
+    rows = [{"image": i, "instruction": q} for i, qs in enumerate(asked) for q in qs][::-1]
+    assert answer_all(model, x, rows, batch_size=2, max_new_tokens=6) == flat[::-1]   # in the rows' order
+    with pytest.raises(ValueError, match="non-empty list of questions"):
+        model.answer(x, [QUESTIONS, [], QUESTIONS], max_new_tokens=2)

@@ -268,22 +268,15 @@ class SoftPromptCaptioner(nn.Module):
         """Mean next-token loss of text rows that each continue one of the prefixes: ``prefix`` (I, L, H) goes
         through the LLM once, prefix i's keys and values serve the next ``counts[i]`` rows of ``ids`` (R, T), with
         their ``attention_mask`` and ``labels`` (-100 where nothing is predicted)."""
-        from transformers import DynamicCache
-
-        if len(counts) != prefix.shape[0] or sum(counts) != ids.shape[0]:
-            raise ValueError(f"{prefix.shape[0]} prefixes, {len(counts)} counts summing to {sum(counts)}, "
-                             f"{ids.shape[0]} text rows")
-        decoder = self.llm_model.get_decoder()
-        image_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(self.device)
-        cache = DynamicCache(config=decoder.config)
-        first = decoder(inputs_embeds=prefix, use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state
-        for layer in cache.layers:      # one row per text; index_select's backward adds each prefix's rows in order
-            layer.keys, layer.values = layer.keys.index_select(0, image_of), layer.values.index_select(0, image_of)
+        if sum(counts) != ids.shape[0]:
+            raise ValueError(f"counts sum to {sum(counts)} but there are {ids.shape[0]} text rows")
+        first, cache, image_of = self.prefix_cache(prefix, counts)
         b, (n, t) = len(ids), (prefix.shape[1], ids.shape[1])
         attention_mask = torch.cat([torch.ones(b, n, dtype=torch.long), attention_mask], dim=1).to(self.device)
         position_ids = torch.arange(n, n + t, device=self.device).unsqueeze(0)   # the text continues the prefix
+        decoder = self.llm_model.get_decoder()
         hidden = decoder(inputs_embeds=self._embed(ids).to(self._llm_dtype), attention_mask=attention_mask,
-                         position_ids=position_ids, **{_cache_argument(decoder): cache}).last_hidden_state
+                         position_ids=position_ids, **{cache_argument(decoder): cache}).last_hidden_state
         # the prefix's last position predicts each row's first token, row position i the token i + 1
         hidden = torch.cat([first[:, -1:].index_select(0, image_of), hidden[:, :-1]], dim=1)
         targets = labels.to(self.device)
@@ -291,6 +284,22 @@ class SoftPromptCaptioner(nn.Module):
         logits = self.llm_model.get_output_embeddings()(hidden[keep])
         # several processes hold unequal numbers of tokens: each returns its share of the global mean
         return global_mean(nn.functional.cross_entropy(logits.float(), targets[keep]), keep.sum())
+
+    def prefix_cache(self, prefix: torch.Tensor, counts: list[int]):
+        """``prefix`` (I, L, H) through the LLM once; returns its last hidden states (I, L, H), the key/value cache
+        with prefix i's rows repeated ``counts[i]`` times (one row per continuation; gradients flow back through
+        it), and the prefix index of each row."""
+        from transformers import DynamicCache
+
+        if len(counts) != prefix.shape[0]:
+            raise ValueError(f"{prefix.shape[0]} prefixes but {len(counts)} counts")
+        decoder = self.llm_model.get_decoder()
+        image_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(self.device)
+        cache = DynamicCache(config=decoder.config)
+        first = decoder(inputs_embeds=prefix, use_cache=True, **{cache_argument(decoder): cache}).last_hidden_state
+        for layer in cache.layers:      # one row per text; index_select's backward adds each prefix's rows in order
+            layer.keys, layer.values = layer.keys.index_select(0, image_of), layer.values.index_select(0, image_of)
+        return first, cache, image_of
 
     def prefix_embeds(self, image_embeds: torch.Tensor | None = None,
                       soft_prompts: torch.Tensor | None = None) -> torch.Tensor:
@@ -373,7 +382,7 @@ class SoftPromptCaptioner(nn.Module):
         return model.eval()
 
 
-def _cache_argument(decoder) -> str:
+def cache_argument(decoder) -> str:
     """The name under which this transformers version's decoder takes a KV cache: ``past_key_values``, which
     later 5.x versions renamed ``cache``."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"

@@ -16,7 +16,7 @@ from torch import nn
 
 from .flamingo import FlamingoLM
 from .instruct import chat_prompt
-from .stage2 import IGNORE_INDEX, SoftPromptCaptioner, text_inputs
+from .stage2 import IGNORE_INDEX, SoftPromptCaptioner, cache_argument, text_inputs
 from .utils import eval_mode, in_batches
 
 
@@ -73,9 +73,15 @@ class SoftPromptVQA(SoftPromptCaptioner):
         return self.labelled_loss(embeds, mask, labels)
 
     @torch.no_grad()
-    def answer(self, image_embeds: torch.Tensor, instructions: list[str], max_new_tokens: int = 6) -> list[str]:
+    def answer(self, image_embeds: torch.Tensor, instructions: list[str] | list[list[str]],
+               max_new_tokens: int = 6) -> list[str] | list[list[str]]:
         """Greedy answers. Each row is left-padded in front of its soft prompts ([pad ...] [soft prompts] [prompt]),
-        so that it reads as if it were alone (the LLM's ``generate`` counts positions from the attention mask)."""
+        so that it reads as if it were alone (the LLM's ``generate`` counts positions from the attention mask).
+
+        A list of questions per image: each image's soft prompts go through the LLM once and its questions continue
+        from their keys and values (``answer_grouped``); returns a list of answers per image."""
+        if instructions and not isinstance(instructions[0], str):
+            return self.answer_grouped(image_embeds, instructions, max_new_tokens)
         soft = self.soft_prompts(image_embeds).to(self._llm_dtype)
         ids, text_mask = prompt_inputs(self.tokenizer, instructions, self.pad_id)
         text = self._embed(ids).to(self._llm_dtype)
@@ -87,6 +93,41 @@ class SoftPromptVQA(SoftPromptCaptioner):
                                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.eos_id,
                                       pad_token_id=self.pad_id)
         return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out]
+
+
+    @torch.no_grad()
+    def answer_grouped(self, image_embeds: torch.Tensor, instructions: list[list[str]],
+                       max_new_tokens: int = 6) -> list[list[str]]:
+        """Greedy answers to several questions per image, each image's soft prompts read once (a hand-written greedy
+        loop over the shared KV cache). The questions are right-padded after the soft prompts: the pads are masked
+        out, and each row's new tokens take the positions that follow its own question, so every row reads as if it
+        were alone (``tests/test_vqa.py`` checks the answers against ``answer`` one row at a time)."""
+        if len(instructions) != image_embeds.shape[0] or not all(instructions):
+            raise ValueError(f"{image_embeds.shape[0]} images: give each a non-empty list of questions")
+        soft = self.soft_prompts(image_embeds).to(self._llm_dtype)
+        _, cache, _ = self.prefix_cache(soft, list(map(len, instructions)))
+        rows = [prompt_ids(self.tokenizer, q) for qs in instructions for q in qs]
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        ids, text_mask, _ = text_inputs([torch.tensor(r) for r in rows], self.pad_id)
+        n, decoder, lm_head = soft.shape[1], self.llm_model.get_decoder(), self.llm_model.get_output_embeddings()
+        mask = torch.cat([torch.ones(len(rows), n, dtype=torch.long), text_mask], dim=1).to(self.device)
+        positions = torch.arange(n, n + ids.shape[1], device=self.device).unsqueeze(0)
+        said, done = [], torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            hidden = decoder(inputs_embeds=self._embed(ids).to(self._llm_dtype), attention_mask=mask,
+                             position_ids=positions, **{cache_argument(decoder): cache}).last_hidden_state
+            last = hidden[:, -1] if said else hidden[torch.arange(len(rows)), lengths - 1]   # each row's last token
+            token = lm_head(last).argmax(-1).masked_fill(done, self.eos_id)
+            said.append(token)
+            done |= token == self.eos_id
+            if done.all():
+                break
+            ids, positions = token[:, None], (n + lengths + len(said) - 1)[:, None]
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=self.device)], dim=1)
+        tokens = torch.stack(said, dim=1).tolist()
+        answers = iter(self.tokenizer.decode(t[:t.index(self.eos_id) + 1] if self.eos_id in t else t,
+                                             skip_special_tokens=True).strip() for t in tokens)
+        return [[next(answers) for _ in qs] for qs in instructions]
 
 
 class FlamingoVQA(nn.Module):
@@ -144,12 +185,25 @@ def instruction_batches(features: torch.Tensor, rows: list[dict], batch_size: in
 def answer_all(model, features: torch.Tensor, rows: list[dict], batch_size: int = 32,
                max_new_tokens: int = 6) -> list[str]:
     """The model's greedy answer to every row (in eval mode). Rows that ask the same image the same question are
-    answered once (e.g. a blank photo standing in for every image: ``row["image"]`` 0 of a one-photo ``features``)."""
+    answered once (e.g. a blank photo standing in for every image: ``row["image"]`` 0 of a one-photo ``features``).
+    A soft-prompt model reads each image's soft prompts once for all its questions (``SoftPromptVQA.answer_grouped``),
+    about ``batch_size`` questions at a time."""
     asked = list(dict.fromkeys((r["image"], r["instruction"]) for r in rows))
     with eval_mode(model):
-        said = in_batches(lambda chunk: model.answer(features[[i for i, _ in chunk]].float(),
-                                                     [q for _, q in chunk], max_new_tokens),
-                          asked, batch_size=batch_size)
+        if isinstance(model, SoftPromptVQA):
+            by_image: dict[int, list[str]] = {}
+            for image, question in asked:
+                by_image.setdefault(image, []).append(question)
+            per_image = max(1, batch_size * len(by_image) // len(asked))       # images a batch: ~batch_size rows
+            said = in_batches(lambda images: model.answer(features[images].float(),
+                                                          [by_image[i] for i in images], max_new_tokens),
+                              list(by_image), batch_size=per_image)
+            asked = [(image, q) for image, questions in by_image.items() for q in questions]
+            said = [a for answers in said for a in answers]
+        else:
+            said = in_batches(lambda chunk: model.answer(features[[i for i, _ in chunk]].float(),
+                                                         [q for _, q in chunk], max_new_tokens),
+                              asked, batch_size=batch_size)
     answers = dict(zip(asked, said))
     return [answers[(r["image"], r["instruction"])] for r in rows]
 
