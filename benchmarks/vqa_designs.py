@@ -21,7 +21,7 @@ from vlmcourse.evaluate import blank_image_features
 from vlmcourse.features import split_features
 from vlmcourse.flamingo import PerceiverResampler, ResamplerConfig
 from vlmcourse.instruct import text_prior_answers, vqa_accuracy
-from vlmcourse.llava import PatchMLPConnector, llava_connector
+from vlmcourse.llava import MLPConnector, llava_connector
 from vlmcourse.connectors import MeanPoolConnector, PrecomputedConnector, QFormerConnector
 from vlmcourse.pipeline import load_or_train_stage1, question_rows
 from vlmcourse.recipes import SHAPES_STAGE1, shapes_profile
@@ -41,7 +41,7 @@ def build(design: str, llm, vision, seed: int, profile):
         return SoftPromptVQA(connector, width, llm), same
     if design == "mlp-pooled":  # the patch grid average-pooled to 4x4 once (no weights), then LLaVA's MLP
         pool = MeanPoolConnector(vision.grid_size, 4)
-        connector = PatchMLPConnector(pool.num_tokens, vision.hidden_size, hidden)
+        connector = MLPConnector(pool.num_tokens, vision.hidden_size, hidden)
         return SoftPromptVQA(connector, hidden, llm), (lambda x: pool(x.float()))
     if design == "resampler":
         resampler = PerceiverResampler(ResamplerConfig(vision.hidden_size, 256, 8, 2, 4, 4, vision.num_patches))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vlmcourse.backbones import load_llm
-from vlmcourse.stage2 import IGNORE_INDEX, MeanPoolConnector, PatchConnector, SoftPromptCaptioner
+from vlmcourse.stage2 import IGNORE_INDEX, MeanPoolConnector, LinearConnector, SoftPromptCaptioner
 from vlmcourse.train import TrainConfig, train
 
 
@@ -56,7 +56,7 @@ def test_stage2_loss_falls_when_overfitting():
 
 
 def test_generate_and_first_token_probs(llm):
-    model = SoftPromptCaptioner(PatchConnector(16), 32, llm)
+    model = SoftPromptCaptioner(LinearConnector(16), 32, llm)
     x = torch.randn(3, 16, 32)
     captions = model.generate(x, max_new_tokens=4)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
@@ -91,7 +91,7 @@ def qformer_captioner(llm):
     return SoftPromptCaptioner(QFormerConnector(QFormer(config), ImageAdapter(16, 32)), 16, llm)
 
 
-@pytest.mark.parametrize("make", [lambda llm: captioner(llm), lambda llm: SoftPromptCaptioner(PatchConnector(16), 32, llm),
+@pytest.mark.parametrize("make", [lambda llm: captioner(llm), lambda llm: SoftPromptCaptioner(LinearConnector(16), 32, llm),
                                   qformer_captioner])
 def test_save_and_load_keep_every_weight_but_the_llms(llm, tmp_path, make):
     from safetensors import safe_open
@@ -316,7 +316,7 @@ def test_swapped_captions_are_read_off_and_match_real_generation(llm):
 
     torch.manual_seed(0)
     # no text prompt: the random tiny LLM then continues from a soft prompt, and photos get different captions
-    model = SoftPromptCaptioner(PatchConnector(16), 32, llm, BridgeConfig(prompt="")).eval()
+    model = SoftPromptCaptioner(LinearConnector(16), 32, llm, BridgeConfig(prompt="")).eval()
     x = torch.randn(5, 16, 32, generator=torch.Generator().manual_seed(0))
     own = model.generate(x, max_new_tokens=5)
     generated = model.generate(soft_prompts=model.soft_prompts(x).roll(2, 0), max_new_tokens=5)

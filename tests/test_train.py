@@ -127,3 +127,23 @@ def test_lr_scales_give_a_layer_a_multiple_of_the_schedule():
     assert sum(p.numel() for g in scaled for p in g["params"]) == 32 + 1          # its weight and bias
     with pytest.raises(ValueError, match="names no trainable parameter"):
         make_optimizer(model, config(lr_scales={"proj.": 10.0}))
+
+
+
+def test_bf16_autocast_is_accelerates_and_switches_within_one_process():
+    """bf16=True: the loss function and the evaluation run under accelerate's bf16 autocast (a Linear inside gives
+    bfloat16); bf16=False right after, in the same process: float32 again (accelerate fixes its precision once per
+    process unless train resets it). The loss still falls under bf16 (emulated on a CPU without it)."""
+    def run(bf16, steps):
+        dtypes, evals = [], []
+        model = model_fn()
+        model[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        eval_fn = lambda m: evals.append(nn.functional.linear(X[:2], torch.randn(1, 8)).dtype) or {}   # noqa: E731
+        result = train(model, batch_fn, loss_fn, config(steps=steps, bf16=bf16), eval_fn=eval_fn)
+        return set(dtypes), evals, result.column("loss")
+
+    dtypes, evals, losses = run(True, 40)
+    assert dtypes == {torch.bfloat16} and evals == [torch.bfloat16]
+    assert sum(losses[-5:]) < 0.3 * sum(losses[:5])
+    dtypes, evals, _ = run(False, 3)
+    assert dtypes == {torch.float32} and evals == [torch.float32]

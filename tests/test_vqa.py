@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from vlmcourse.backbones import load_llm
-from vlmcourse.connectors import PatchConnector
+from vlmcourse.connectors import LinearConnector
 from vlmcourse.instruct import chat_prompt, instruction_pairs
 from vlmcourse.stage2 import IGNORE_INDEX
 from vlmcourse.vqa import (FlamingoVQA, SoftPromptVQA, answer_all, answer_inputs, design_card, instruction_batches,
@@ -38,7 +38,7 @@ def sharp_llm(llm):
 
 def soft_vqa(llm, seed=0):
     torch.manual_seed(seed)
-    return SoftPromptVQA(PatchConnector(N), D, llm)
+    return SoftPromptVQA(LinearConnector(N), D, llm)
 
 
 def images(batch=3, seed=0):

@@ -1,9 +1,10 @@
 """Connectors: what turns the frozen image encoder's patch tokens into the few vectors a soft prompt is made of.
 
 - ``QFormerConnector``: the Q-Former's query outputs (BLIP-2), through the image adapter;
-- ``MeanPoolConnector``, ``PatchConnector``: the baselines of notebook 06 (pooled cells; every patch, as LLaVA);
+- ``MeanPoolConnector``, ``LinearConnector``: the baselines of notebook 06 (pooled cells; every patch, LLaVA's
+  linear projector);
 - ``PrecomputedConnector``: stands in for a frozen connector whose outputs were computed once;
-- beyond BLIP-2 (notebook 08), each in its own file: ``flamingo.PerceiverResampler``, ``llava.PatchMLPConnector``,
+- beyond BLIP-2 (notebook 08), each in its own file: ``flamingo.PerceiverResampler``, ``llava.MLPConnector``,
   ``instructblip.InstructQFormerConnector`` (``connector_from_config`` builds them by type, see ``ELSEWHERE``).
 
 Each has ``num_tokens`` and ``to_config()``; ``connector_from_config`` rebuilds one (with fresh weights) from it,
@@ -40,8 +41,10 @@ class MeanPoolConnector(nn.Module):
         return {"type": "meanpool", "grid_size": list(self.grid_size), "pooled": self.pooled}
 
 
-class PatchConnector(nn.Module):
-    """LLaVA-style baseline: every patch token goes to the LLM (the projection does the work)."""
+class LinearConnector(nn.Module):
+    """LLaVA's linear projector (notebook 06's baseline): every patch token goes to the LLM through one linear layer,
+    the captioner's ``proj``; the connector itself hands the patches on as they are (``llava.MLPConnector`` puts a
+    Linear and a GELU before ``proj`` instead)."""
 
     def __init__(self, num_patches: int):
         super().__init__()
@@ -51,7 +54,7 @@ class PatchConnector(nn.Module):
         return image_embeds
 
     def to_config(self) -> dict:
-        return {"type": "patch", "num_patches": self.num_tokens}
+        return {"type": "linear", "num_patches": self.num_tokens}
 
 
 class PrecomputedConnector(nn.Module):
@@ -105,17 +108,21 @@ class QFormerConnector(nn.Module):
 
 
 # type -> (module, class) of the connectors beyond BLIP-2 (notebook 08); each class has ``from_config``
-ELSEWHERE = {"resampler": ("flamingo", "PerceiverResampler"), "patch_mlp": ("llava", "PatchMLPConnector"),
+ELSEWHERE = {"resampler": ("flamingo", "PerceiverResampler"), "mlp": ("llava", "MLPConnector"),
              "instruct_qformer": ("instructblip", "InstructQFormerConnector")}
+
+
+# the names models saved before 7 December 2026 carry (the same connectors, renamed after LLaVA's "linear" and "mlp")
+LEGACY_TYPES = {"patch": "linear", "patch_mlp": "mlp"}
 
 
 def connector_from_config(config: dict) -> nn.Module:
     """A connector with fresh weights, built from ``connector.to_config()`` (``from_pretrained`` loads them)."""
-    kind = config.get("type")
+    kind = LEGACY_TYPES.get(config.get("type"), config.get("type"))
     if kind == "meanpool":
         return MeanPoolConnector(tuple(config["grid_size"]), config["pooled"])
-    if kind == "patch":
-        return PatchConnector(config["num_patches"])
+    if kind == "linear":
+        return LinearConnector(config["num_patches"])
     if kind == "precomputed":
         return PrecomputedConnector(config["num_tokens"], config["size"])
     if kind == "qformer":
@@ -130,5 +137,5 @@ def connector_from_config(config: dict) -> nn.Module:
     if kind in ELSEWHERE:     # notebook 08's connectors live in their own files, which import this one
         module, name = ELSEWHERE[kind]
         return getattr(importlib.import_module(f".{module}", __package__), name).from_config(config)
-    raise ValueError(f"unknown connector type {kind!r}: expected qformer, meanpool, patch, precomputed "
+    raise ValueError(f"unknown connector type {kind!r}: expected qformer, meanpool, linear, precomputed "
                      f"or {', '.join(ELSEWHERE)}")

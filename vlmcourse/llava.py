@@ -4,8 +4,8 @@ LLaVA (Liu et al., 2023) has no Q-Former: each of the N patch tokens becomes one
 projection stands between the image encoder and the LLM. LLaVA-1.5 made that projection a 2-layer MLP
 (Linear, GELU, Linear). ``SoftPromptCaptioner`` already ends with a linear projection (``proj``), so
 
-- "linear": ``connectors.PatchConnector`` (the patches as they are) followed by ``proj``;
-- "mlp": ``PatchMLPConnector`` (the MLP's first Linear and its GELU) followed by ``proj`` (its second Linear).
+- "linear": ``connectors.LinearConnector`` (the patches as they are) followed by ``proj``;
+- "mlp": ``MLPConnector`` (the MLP's first Linear and its GELU) followed by ``proj`` (its second Linear).
 
 ``llava_connector(kind, ...)`` returns the connector and the width ``proj`` then reads::
 
@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from .adapter import ImageAdapter
-from .connectors import PatchConnector
+from .connectors import LinearConnector
 
 KINDS = ("linear", "mlp")
 
 
-class PatchMLPConnector(nn.Module):
+class MLPConnector(nn.Module):
     """Every patch token through Linear(image_size, hidden_size) and GELU: the first half of LLaVA-1.5's MLP.
 
     ``image_adapter=True``: the patches first go through the Q-Former's ``adapter.ImageAdapter`` (LayerNorm, plus a
@@ -46,11 +46,11 @@ class PatchMLPConnector(nn.Module):
         return self.act(self.fc(x if self.adapter is None else self.adapter(x)))
 
     def to_config(self) -> dict:
-        return {"type": "patch_mlp", "num_patches": self.num_tokens, "image_size": self.fc.in_features,
+        return {"type": "mlp", "num_patches": self.num_tokens, "image_size": self.fc.in_features,
                 "hidden_size": self.fc.out_features, "image_adapter": self.adapter is not None}
 
     @classmethod
-    def from_config(cls, config: dict) -> "PatchMLPConnector":
+    def from_config(cls, config: dict) -> "MLPConnector":
         return cls(config["num_patches"], config["image_size"], config["hidden_size"],
                    config.get("image_adapter", False))
 
@@ -61,14 +61,14 @@ def llava_connector(kind: str, num_patches: int, image_size: int, llm_hidden_siz
 
     "linear": the patches themselves (width ``image_size``); the captioner's ``proj`` is the whole projection.
     "mlp": the MLP's first layer and GELU, as wide as the LLM (as in LLaVA-1.5); ``proj`` is its second layer;
-    ``image_adapter``: LayerNorm and positions first (``PatchMLPConnector``).
+    ``image_adapter``: LayerNorm and positions first (``MLPConnector``).
     """
     if kind == "linear":
         if image_adapter:
             raise ValueError("image_adapter is an option of the 'mlp' connector")
-        return PatchConnector(num_patches), image_size
+        return LinearConnector(num_patches), image_size
     if kind == "mlp":
-        return PatchMLPConnector(num_patches, image_size, llm_hidden_size, image_adapter), llm_hidden_size
+        return MLPConnector(num_patches, image_size, llm_hidden_size, image_adapter), llm_hidden_size
     raise ValueError(f"unknown LLaVA connector {kind!r}: choose one of {KINDS}")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .backbones import load_llm, load_text_encoder, load_vision_encoder
-from .connectors import MeanPoolConnector, PatchConnector, PrecomputedConnector, QFormerConnector
+from .connectors import MeanPoolConnector, LinearConnector, PrecomputedConnector, QFormerConnector
 from .evaluate import mean_caption_loss
 from .features import captions_for, split_features
 from .instruct import instruction_pairs
@@ -177,7 +177,7 @@ def build_connector(profile: Profile, recipe: CaptionerRecipe, vision):
         return stage2_connector(profile, recipe.stage2, vision)
     if recipe.connector == "meanpool":
         return MeanPoolConnector(vision.grid_size, recipe.pooled), vision.hidden_size
-    return PatchConnector(vision.num_patches), vision.hidden_size
+    return LinearConnector(vision.num_patches), vision.hidden_size
 
 
 def train_captioner(profile: Profile | str | None = None, recipe: CaptionerRecipe | None = None, llm=None,

@@ -251,7 +251,7 @@ class VQARecipe(Recipe):
     8 photos of 4 questions learn more in 50 steps than 4 photos of 8 in 60."""
 
     design: str = "mlp"
-    image_adapter: bool = False    # LayerNorm and positions on the patches first (llava.PatchMLPConnector)
+    image_adapter: bool = False    # LayerNorm and positions on the patches first (llava.MLPConnector)
     steps: int = 50
     lr: float = 3e-3
     batch_size: int = 32           # question rows a step

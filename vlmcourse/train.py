@@ -5,7 +5,8 @@ then cosine decay, gradient clipping. Batches come from ``batch_fn(step, generat
 with a generator seeded by (seed, step): a run resumed from a checkpoint sees
 exactly the batches (and dropout masks) the uninterrupted run would have seen,
 so it continues the same loss curve. It runs under ``accelerate``: the same
-code on the CPU, one GPU, or ``accelerate launch`` on several. With several
+code on the CPU, one GPU, or ``accelerate launch`` on several, with accelerate's bf16 mixed precision where the
+hardware has bf16 (float32 elsewhere, as on most laptops' CPUs). With several
 processes every one draws the same global batch and keeps its own rows
 (``distributed.shard``); only the main one shows progress and writes checkpoints.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -118,16 +118,24 @@ def train(model: torch.nn.Module, batch_fn: Callable[[int, torch.Generator], dic
     With ``checkpoint_dir`` set, it saves there every ``checkpoint_every`` steps
     and at the end, and (``resume=True``) picks up from the last checkpoint.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import send_to_device    # a batch's tensors to the model's device, the rest as is
 
     D.check_launch()
-    accelerator = Accelerator(**D.accelerator_kwargs())
+    kwargs = D.accelerator_kwargs()
+    # accelerate accepts bf16 on any CPU (and emulates it slowly): ask the hardware first
+    device = PartialState(cpu=kwargs.get("cpu", False)).device
+    use_bf16 = bf16_supported(device) if config.bf16 is None else config.bf16
+    precision = "bf16" if use_bf16 else "no"
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        # accelerate fixes the precision once per process, but one notebook (or test run) may train under both
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision, **kwargs)
     model = model.to(accelerator.device)
     optimizer = make_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
-    use_bf16 = bf16_supported(accelerator.device) if config.bf16 is None else config.bf16
-    autocast = (lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    autocast = accelerator.autocast     # bf16 autocast for loss_fn and eval_fn, which may call more than forward
 
     result, start_step = TrainResult(), 0
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
