@@ -80,3 +80,37 @@ def test_config_round_trip():
     again = connector_from_config(config)
     assert type(again) is InstructQFormerConnector and isinstance(again.image_norm, ImageAdapter)
     assert again.qformer.config == connector.qformer.config
+
+
+def test_instructblip_vqa_reads_the_question_in_the_qformer():
+    """InstructBLIPVQA: its loss is the soft-prompt loss with the question's tokens in the Q-Former (the same number
+    computed by hand), gradients reach the Q-Former's embeddings of the question's words, the answers come one row
+    at a time (no shared image prefix), and a list of questions per photo is refused."""
+    from vlmcourse.backbones import load_llm, load_text_encoder
+    from vlmcourse.vqa import InstructBLIPVQA, SoftPromptVQA, answer_all
+
+    llm, tokenizer = load_llm("tiny"), load_text_encoder("tiny").tokenizer
+    torch.manual_seed(0)
+    qformer = QFormer(QFormerConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
+                                    num_query_tokens=Q, encoder_hidden_size=D))
+    model = InstructBLIPVQA(InstructQFormerConnector(qformer), 32, llm, tokenizer).eval()    # no dropout
+    image, questions, answers = torch.randn(2, N, D), ["What colour is the circle?", "Where is it?"], ["red", "top"]
+    loss = model(image, questions, answers)
+    tok = tokenizer(questions, padding=True, return_tensors="pt")
+    plain = SoftPromptVQA(QFormerConnector(qformer), 32, llm)
+    plain.proj = model.proj
+    with torch.no_grad():
+        soft = model.proj(qformer(image, tok.input_ids, tok.attention_mask, mask_type="itm").query_output)
+        plain.soft_prompts = lambda x: soft                                     # the queries computed by hand
+        torch.testing.assert_close(loss.detach(), plain(image, questions, answers))
+    loss.backward()
+    grad = qformer.embeddings.word_embeddings.weight.grad
+    asked = tok.input_ids[tok.attention_mask.bool()].unique()
+    assert grad[asked].abs().sum(1).gt(0).all() and grad.abs().sum() == grad[asked].abs().sum()
+    assert not model.shares_image_prefix
+    rows = [{"image": i % 2, "instruction": q} for i, q in enumerate(questions * 2)]
+    assert answer_all(model, image, rows, max_new_tokens=2) == \
+        [model.answer(image[r["image"]:r["image"] + 1], [r["instruction"]], 2)[0] for r in rows]
+    with pytest.raises(ValueError, match="one question per image"):
+        model(image, [questions, questions], [answers, answers])

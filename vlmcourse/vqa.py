@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .flamingo import FlamingoLM
+from .instructblip import InstructQFormerConnector
 from .instruct import chat_prompt
 from .stage2 import IGNORE_INDEX, SoftPromptCaptioner, cache_argument, text_inputs
 from .utils import eval_mode, in_batches
@@ -48,6 +49,8 @@ def prompt_inputs(tokenizer, instructions: list[str], pad_id: int):
 
 class SoftPromptVQA(SoftPromptCaptioner):
     """connector -> projection -> soft prompts in front of the question, frozen LLM (BLIP-2, LLaVA)."""
+
+    shares_image_prefix = True     # the soft prompts depend on the photo alone: its questions can share its pass
 
     def forward(self, image_embeds: torch.Tensor, instructions: list[str] | list[list[str]],
                 answers: list[str] | list[list[str]]) -> torch.Tensor:
@@ -130,6 +133,39 @@ class SoftPromptVQA(SoftPromptCaptioner):
         return [[next(answers) for _ in qs] for qs in instructions]
 
 
+class InstructBLIPVQA(SoftPromptVQA):
+    """BLIP-2's soft prompts with InstructBLIP's queries: each question is also given to the Q-Former (tokenised by
+    the Q-Former's own tokenizer, that of the BERT it was initialised from), where its tokens join the queries in the
+    self-attention (``instructblip.InstructQFormerConnector``). The soft prompts then depend on the question, so a
+    photo's questions cannot share its pass through the LLM: one row per question, in training and in answering."""
+
+    shares_image_prefix = False
+
+    def __init__(self, connector: InstructQFormerConnector, connector_size: int, llm, qformer_tokenizer,
+                 max_instruction_tokens: int = 32):
+        if not isinstance(connector, InstructQFormerConnector):
+            raise TypeError(f"InstructBLIPVQA needs an InstructQFormerConnector, got {type(connector).__name__}")
+        super().__init__(connector, connector_size, llm)
+        self.qformer_tokenizer, self.max_instruction_tokens = qformer_tokenizer, max_instruction_tokens
+
+    def asking(self, instructions: list[str]):
+        """A context in which the connector reads these instructions (one per image)."""
+        if not instructions or not isinstance(instructions[0], str):
+            raise ValueError("InstructBLIP's soft prompts depend on the question: give one question per image")
+        tok = self.qformer_tokenizer(instructions, padding=True, truncation=True,
+                                     max_length=self.max_instruction_tokens, return_tensors="pt")
+        return self.connector.instruction(tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
+
+    def forward(self, image_embeds: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
+        with self.asking(instructions):
+            return super().forward(image_embeds, instructions, answers)
+
+    @torch.no_grad()
+    def answer(self, image_embeds: torch.Tensor, instructions: list[str], max_new_tokens: int = 6) -> list[str]:
+        with self.asking(instructions):
+            return super().answer(image_embeds, instructions, max_new_tokens)
+
+
 class FlamingoVQA(nn.Module):
     """A ``FlamingoLM`` (gated cross-attention inside the frozen LLM) asked and trained like ``SoftPromptVQA``."""
 
@@ -186,11 +222,11 @@ def answer_all(model, features: torch.Tensor, rows: list[dict], batch_size: int 
                max_new_tokens: int = 6) -> list[str]:
     """The model's greedy answer to every row (in eval mode). Rows that ask the same image the same question are
     answered once (e.g. a blank photo standing in for every image: ``row["image"]`` 0 of a one-photo ``features``).
-    A soft-prompt model reads each image's soft prompts once for all its questions (``SoftPromptVQA.answer_grouped``),
-    about ``batch_size`` questions at a time."""
+    A model whose soft prompts depend on the image alone reads them once for all its questions
+    (``SoftPromptVQA.answer_grouped``), about ``batch_size`` questions at a time."""
     asked = list(dict.fromkeys((r["image"], r["instruction"]) for r in rows))
     with eval_mode(model):
-        if isinstance(model, SoftPromptVQA):
+        if getattr(model, "shares_image_prefix", False):
             by_image: dict[int, list[str]] = {}
             for image, question in asked:
                 by_image.setdefault(image, []).append(question)
