@@ -29,9 +29,8 @@ This is BLIP-2's decoder-only recipe (OPT). In the encoder-decoder recipe
 (FlanT5) the soft prompts and the prompt go to the encoder and the caption is
 the decoder's target; ``labels`` then need no -100 prefix at all.
 
-A photo's captions share its prefix [soft prompts; prompt]: given a list of captions per photo,
-``forward`` reads the prefix once per photo and continues each caption from its cached keys and values
-(``grouped_loss``): the same loss and gradients for about half the positions read.
+A photo's captions share its prefix [soft prompts; prompt]: given a list of captions per photo, ``forward`` reads it
+once and continues each caption from its keys and values (``grouped_loss``): same loss and gradients, ~half the reads.
 
 A frozen connector is a fixed function of the image: its outputs can be
 computed once per image (``connector_outputs``) and training then runs on them
@@ -286,9 +285,8 @@ class SoftPromptCaptioner(nn.Module):
         return global_mean(nn.functional.cross_entropy(logits.float(), targets[keep]), keep.sum())
 
     def prefix_cache(self, prefix: torch.Tensor, counts: list[int]):
-        """``prefix`` (I, L, H) through the LLM once; returns its last hidden states (I, L, H), the key/value cache
-        with prefix i's rows repeated ``counts[i]`` times (one row per continuation; gradients flow back through
-        it), and the prefix index of each row."""
+        """``prefix`` (I, L, H) through the LLM once: its hidden states, its key/value cache with prefix i's rows
+        repeated ``counts[i]`` times (one per continuation; gradients flow back through it), each row's prefix."""
         from transformers import DynamicCache
 
         if len(counts) != prefix.shape[0]:
