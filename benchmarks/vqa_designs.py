@@ -101,7 +101,7 @@ def main():
     prior = text_prior_answers(train_rows)
     print("text prior:", json.dumps({k: round(v, 3) for k, v in
                                      vqa_accuracy([prior[t] for t in types], answers, types).items()}))
-    blank = blank_image_features(vision).expand(len(eval_feats), -1, -1)
+    blank = blank_image_features(vision)       # one grey photo stands in for every image: each question asked once
     llm = load_llm(get_profile("cpu"))
     for design in args.designs:
         for seed in args.seeds:
@@ -128,29 +128,25 @@ def main():
                            loss_with_gates, config, eval_fn=curve if args.eval_every else None)
             seconds = time.perf_counter() - start
             seen = vqa_accuracy(answer_all(model, eval_x, eval_rows), answers, types)
-            blind = vqa_accuracy(answer_all(model, blank_x, eval_rows), answers, types)
+            blind = vqa_accuracy(answer_all(model, blank_x, [{**r, "image": 0} for r in eval_rows]), answers, types)
             row = {"design": design, "seed": seed, "steps": args.steps, "trainable": trainable, "lr": args.lr,
                    "batch": args.batch_size, "per_image": per_image, "gate_lr_scale": args.gate_lr_scale,
                    "proj_lr_scale": args.proj_lr_scale,
                    "s_per_step": round(seconds / args.steps, 2),
-                   "last10_loss": round(sum(result.column("loss")[-10:]) / 10, 3),
+                   "last10_loss": round(sum(result.column("loss")[-10:]) / len(result.column("loss")[-10:]), 3),
                    "accuracy": {k: round(v, 3) for k, v in seen.items()},
                    "blank": {k: round(v, 3) for k, v in blind.items()},
                    "curve": [(e["step"], round(e["accuracy"], 3)) for e in result.evals],
                    "peak_mb_so_far": round(peak_memory_mb()), "threads": torch.get_num_threads()}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
             if design == "flamingo":
                 gates = [k for k in result.history[0] if k.startswith(("attn ", "ff "))]
                 row["gate_curve"] = [{"step": h["step"] + 1, **{k: round(h[k], 3) for k in gates}}
                                      for h in result.history if (h["step"] + 1) % 10 == 0 or h["step"] == 0]
-                print(json.dumps(row["gate_curve"]))
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps({"design": design, "seed": seed, "gate_curve": row["gate_curve"]}) + "\n")
                 model.lm.remove_hooks()
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .backbones import load_llm, load_text_encoder, load_vision_encoder
-from .connectors import MeanPoolConnector, LinearConnector, PrecomputedConnector, QFormerConnector
+from .connectors import LinearConnector, MeanPoolConnector, PrecomputedConnector, QFormerConnector
 from .evaluate import mean_caption_loss
 from .features import captions_for, split_features
 from .instruct import instruction_pairs

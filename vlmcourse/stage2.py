@@ -51,7 +51,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .connectors import (MeanPoolConnector, LinearConnector, PrecomputedConnector,  # noqa: F401  (stage2's API)
+from .connectors import (LinearConnector, MeanPoolConnector, PrecomputedConnector,  # noqa: F401  (stage2's API)
                          QFormerConnector, connector_from_config)
 from .distributed import global_mean
 from .utils import eval_mode, in_batches
