@@ -97,7 +97,6 @@ class SoftPromptVQA(SoftPromptCaptioner):
                                       pad_token_id=self.pad_id)
         return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out]
 
-
     @torch.no_grad()
     def answer_grouped(self, image_embeds: torch.Tensor, instructions: list[list[str]],
                        max_new_tokens: int = 6) -> list[list[str]]:
@@ -197,9 +196,7 @@ def instruction_batches(features: torch.Tensor, rows: list[dict], batch_size: in
     if not rows:
         raise ValueError("no instruction rows to train on")
     if per_image:
-        by_image: dict[int, list[dict]] = {}
-        for row in rows:
-            by_image.setdefault(row["image"], []).append(row)
+        by_image = group_by_image((r["image"], r) for r in rows)
         images = list(by_image)
 
     def batch_fn(step: int, generator: torch.Generator) -> dict:
@@ -217,6 +214,14 @@ def instruction_batches(features: torch.Tensor, rows: list[dict], batch_size: in
     return batch_fn
 
 
+def group_by_image(pairs) -> dict:
+    """{image: [its items, in order]} from (image, item) pairs: the rows a photo's one prefix pass serves."""
+    groups: dict = {}
+    for image, item in pairs:
+        groups.setdefault(image, []).append(item)
+    return groups
+
+
 @torch.no_grad()
 def answer_all(model, features: torch.Tensor, rows: list[dict], batch_size: int = 32,
                max_new_tokens: int = 6) -> list[str]:
@@ -227,9 +232,7 @@ def answer_all(model, features: torch.Tensor, rows: list[dict], batch_size: int 
     asked = list(dict.fromkeys((r["image"], r["instruction"]) for r in rows))
     with eval_mode(model):
         if getattr(model, "shares_image_prefix", False):
-            by_image: dict[int, list[str]] = {}
-            for image, question in asked:
-                by_image.setdefault(image, []).append(question)
+            by_image = group_by_image(asked)
             per_image = max(1, batch_size * len(by_image) // len(asked))       # images a batch: ~batch_size rows
             said = in_batches(lambda images: model.answer(features[images].float(),
                                                           [by_image[i] for i in images], max_new_tokens),
