@@ -93,7 +93,7 @@ def measure(model, features: torch.Tensor, captions: list[list[str]]) -> dict:
     row = {"itm_random": pairs_ordered_right(groups, "random"), "itm_hard": pairs_ordered_right(groups, "hard negative"),
            "itm_p_matched": groups["matched"].mean().item(),
            "i2t_r1": recall["image->text"][1], "i2t_r5": recall["image->text"][5], "i2t_r10": recall["image->text"][10],
-           "t2i_r5": recall["text->image"][5], "temp": model.temp.item(),
+           "t2i_r5": recall["text->image"][5], "temp": model.temperature,
            "last_cross_entropy": attention_entropy(last).mean().item(), "last_cross_brightest_x": brightest.mean().item()}
     for name, x in {"query": queries, "itc": model.vision_proj(queries)}.items():
         row.update({f"{name} {k}": v for k, v in query_diversity(x).items()})

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -28,6 +30,23 @@ def test_cache_is_computed_once_and_reloaded(flickr_dir, cache, monkeypatch):
     with torch.no_grad():
         direct = vision(ds[5]["pixel_values"][None]).last_hidden_state[0].half().cpu()
     assert torch.allclose(first.features[5], direct, atol=1e-3)
+
+
+def test_cache_follows_the_photos_bytes_not_their_dates(flickr_dir, cache, monkeypatch):
+    """A fresh mount or copy of the same photos (new modification times) loads the cached features; a photo whose
+    bytes changed makes them computed again."""
+    vision = load_vision_encoder("tiny")
+    ds = Flickr8k("train", root=flickr_dir, transform=vision.transform)
+    first = cache_features(vision, ds, batch_size=4)
+    photo = flickr_dir / "Images" / ds.image_ids[0]
+    os.utime(photo, ns=(1, 1))                                      # same bytes, another date
+    calls = []
+    real = features.compute_features
+    monkeypatch.setattr(features, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(cache_features(vision, ds).features, first.features) and not calls
+    photo.write_bytes(photo.read_bytes() + b"\0")                  # other bytes (a JPEG reader ignores the tail)
+    cache_features(vision, ds)
+    assert calls == [1]
 
 
 def test_key_depends_on_encoder_and_images():

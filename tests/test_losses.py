@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from vlmcourse import losses as L
 from vlmcourse import qformer as qformer_module
 from vlmcourse.backbones import load_text_encoder
+from vlmcourse.clip import clip_loss
 from vlmcourse.stage1 import Stage1Config, Stage1Model
 from vlmcourse.train import TrainConfig, train
 
@@ -15,8 +17,7 @@ def test_itc_equals_a_hand_computation():
     torch.manual_seed(0)
     img = F.normalize(torch.randn(3, 4, 5), dim=-1)      # 3 images, 4 queries
     txt = F.normalize(torch.randn(3, 5), dim=-1)
-    temp = torch.tensor(0.1)
-    loss, sim = L.itc_loss(img, txt, temp)
+    loss, sim = L.itc_loss(img, txt, torch.tensor(math.log(1 / 0.1)))      # logit_scale = log(1/τ), τ = 0.1
     s = [[max(float(img[i, q] @ txt[t]) for q in range(4)) / 0.1 for t in range(3)] for i in range(3)]
     i2t = -sum(s[i][i] - math.log(sum(math.exp(v) for v in s[i])) for i in range(3)) / 3
     t2i = -sum(s[t][t] - math.log(sum(math.exp(s[i][t]) for i in range(3))) for t in range(3)) / 3
@@ -27,10 +28,26 @@ def test_itc_equals_a_hand_computation():
 def test_itc_with_duplicate_photos_spreads_the_target():
     img = F.normalize(torch.randn(3, 2, 4), dim=-1)
     txt = F.normalize(torch.randn(3, 4), dim=-1)
-    loss, sim = L.itc_loss(img, txt, torch.tensor(0.07), image_ids=["a", "a", "b"])
+    loss, sim = L.itc_loss(img, txt, torch.tensor(L.LOGIT_SCALE_INIT), image_ids=["a", "a", "b"])
     target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     expected = (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
     assert loss.item() == pytest.approx(expected.item())
+
+
+def test_itc_with_one_query_is_clips_loss_with_the_same_temperature():
+    """One temperature convention across the course: stage 1's ITC, given one query per photo and one caption
+    each, is notebook 02's CLIP loss for the same logit_scale, capped the same way."""
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(5, 1, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    for logit_scale in (L.LOGIT_SCALE_INIT, math.log(250.0)):           # under CLIP's cap of 100, and over it
+        scale = torch.tensor(logit_scale, requires_grad=True)
+        itc, _ = L.itc_loss(img, txt, scale)
+        clip = clip_loss(img[:, 0], txt, scale)
+        torch.testing.assert_close(itc, clip)
+        # the same gradient for the temperature too (0 over the cap: the cap holds it there, in both)
+        (g_itc,), (g_clip,) = torch.autograd.grad(itc, scale), torch.autograd.grad(clip, scale)
+        torch.testing.assert_close(g_itc, g_clip)
+        assert (g_itc == 0) == (logit_scale > math.log(L.MAX_LOGIT_SCALE))
 
 
 def test_hard_negative_sampler_never_returns_a_positive_and_prefers_hard_ones():
@@ -136,6 +153,29 @@ def test_each_loss_falls_when_overfitting_a_batch_of_8(text, loss_name):
         assert sum(last) / 3 < 0.9 * blind, (first, last)
     else:
         assert sum(last) < 0.7 * sum(first), (first, last)
+
+
+def test_stage1_learns_the_temperature_as_logit_scale_from_0_07(text):
+    model = tiny_model(text)
+    assert model.temperature == pytest.approx(0.07) and model.logit_scale.requires_grad
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(2000.0))       # over BLIP-2's cap: τ stays at 0.001
+    assert model.temperature == pytest.approx(0.001)
+
+
+def test_stage1_saves_and_loads_its_temperature_and_refuses_the_old_one(text, tmp_path):
+    model = tiny_model(text).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.05))
+    model.save_pretrained(tmp_path / "m")
+    loaded = Stage1Model.from_pretrained(tmp_path / "m")
+    assert loaded.temperature == pytest.approx(0.05)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["stage1"]["temp"] = config["stage1"].pop("logit_scale_init")       # as saved before issue 18
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="before its temperature became logit_scale"):
+        Stage1Model.from_pretrained(tmp_path / "m")
 
 
 def test_generate_and_itm_scores_shapes(text):

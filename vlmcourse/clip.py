@@ -27,7 +27,6 @@ the figures in `plots.py`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -35,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .losses import LOGIT_SCALE_INIT, MAX_LOGIT_SCALE, logit_multiplier
 from .metrics import _check_2d, retrieval_recall
 from .train import TrainConfig, TrainResult, train
 from .utils import eval_mode
@@ -43,11 +43,9 @@ __all__ = ["LOGIT_SCALE_INIT", "MAX_LOGIT_SCALE", "info_nce", "clip_logits", "cl
            "LiTOutput", "LiTModel", "LiTTrainConfig", "contrastive_eval_loss", "lit_batches", "lit_loss", "train_lit",
            "evaluate_lit"]
 
-# CLIP's initial temperature is 0.07; we store its log-inverse, so that the
-# parameter can move freely in both directions and exp() keeps it positive.
-LOGIT_SCALE_INIT = math.log(1 / 0.07)  # ~2.659
-# CLIP caps the scale at 100 (temperature 0.01): beyond that training is unstable.
-MAX_LOGIT_SCALE = 100.0
+# The temperature's convention (losses.py, shared with stage 1): CLIP's initial temperature is 0.07; we store
+# its log-inverse, LOGIT_SCALE_INIT, so that the parameter can move freely in both directions and exp() keeps it
+# positive; CLIP caps the scale at MAX_LOGIT_SCALE = 100 (temperature 0.01): beyond that training is unstable.
 
 
 # -----------------------------------------------------------------------------
@@ -95,8 +93,7 @@ def clip_logits(
     logit_scale = torch.as_tensor(logit_scale, dtype=image_embeds.dtype, device=image_embeds.device)
     # Cosines live in [-1, 1]; a softmax over such small numbers is nearly
     # uniform, so we sharpen them by 1/temperature, capped like CLIP.
-    scale = logit_scale.exp().clamp(max=max_logit_scale)
-    return scale * image_embeds @ text_embeds.T
+    return logit_multiplier(logit_scale, max_logit_scale) * image_embeds @ text_embeds.T
 
 
 def clip_loss(
@@ -204,7 +201,7 @@ class LiTModel(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return 1 / self.logit_scale.detach().exp().clamp(max=self.config.max_logit_scale).item()
+        return 1 / logit_multiplier(self.logit_scale.detach(), self.config.max_logit_scale).item()
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +293,7 @@ def lit_loss(model: LiTModel, batch: dict[str, torch.Tensor]) -> dict[str, torch
     """`loss_fn` for `vlmcourse.train.train`: the model's InfoNCE loss, and 1/temperature to plot."""
     out = model(**batch)
     lit = getattr(model, "module", model)  # unwrapped, if accelerate wrapped it
-    inverse_temperature = lit.logit_scale.detach().exp().clamp(max=lit.config.max_logit_scale)
+    inverse_temperature = logit_multiplier(lit.logit_scale.detach(), lit.config.max_logit_scale)
     return {"loss": out.loss, "inverse_temperature": inverse_temperature}
 
 

@@ -16,11 +16,24 @@ names which one each loss uses.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 MASK_FOR_LOSS = {"itc": "itc", "itm": "itm", "itg": "itg"}   # loss -> qformer mask_type
+
+# The temperature, one convention for every contrastive loss in the course (CLIP's, and transformers.CLIPModel's):
+# the learned parameter is logit_scale = log(1/τ), so exp() keeps 1/τ positive and a step moves τ by a ratio; the
+# multiplier exp(logit_scale) is capped (CLIP: 100, τ ≥ 0.01). Both CLIP and BLIP-2 start at τ = 0.07.
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # ~2.659
+MAX_LOGIT_SCALE = 100.0
+
+
+def logit_multiplier(logit_scale: torch.Tensor | float, max_logit_scale: float = MAX_LOGIT_SCALE) -> torch.Tensor:
+    """1/τ = exp(logit_scale), capped at ``max_logit_scale``: what cosine similarities are multiplied by."""
+    return torch.as_tensor(logit_scale).exp().clamp(max=max_logit_scale)
 
 
 def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
@@ -50,10 +63,10 @@ def positives_from_lists(positive_captions: list[list[int]]) -> torch.Tensor:
     return pos
 
 
-def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,
+def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: torch.Tensor,
              image_ids: list | None = None, label_smoothing: float = 0.0, rows: torch.Tensor | None = None,
-             is_positive: torch.Tensor | None = None):
-    """Symmetric cross-entropy over the (B, B) max-over-queries similarities / temp.
+             is_positive: torch.Tensor | None = None, max_logit_scale: float = MAX_LOGIT_SCALE):
+    """Symmetric cross-entropy over the (B, B) max-over-queries similarities / τ (``logit_multiplier``).
 
     With ``image_ids``, captions of the same photo elsewhere in the batch are
     positives too (the target spreads over them), as in BLIP-2. ``is_positive`` (B, B) says it directly
@@ -62,7 +75,7 @@ def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Te
     with the whole gathered batch; None: all of them.
     Returns (loss, sim_i2t) with sim_i2t already divided by the temperature.
     """
-    sim_i2t = itc_similarity(image_feats, text_feats) / temp
+    sim_i2t = itc_similarity(image_feats, text_feats) * logit_multiplier(logit_scale, max_logit_scale)
     n = sim_i2t.shape[0]
     if is_positive is not None:
         pos = is_positive

@@ -65,7 +65,7 @@ def train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | No
     batches = caption_batches(train_feats.features, captions_for(train_feats, train_ds), train_feats.image_ids,
                               recipe.batch_size, fits=getattr(train_ds, "fits", None))
     lr_scales = {} if recipe.new_lr_scale == 1 else dict.fromkeys(model.new_parameter_prefixes(), recipe.new_lr_scale)
-    lr_scales.update(recipe.lr_scales)
+    lr_scales.update({"logit_scale": recipe.temperature_lr_scale, **recipe.lr_scales})
     config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
                          eval_every=recipe.eval_every, desc="stage 1", lr_scales=lr_scales)
     result = train(model, batches, lambda m, b: m(**b), config, eval_fn=eval_fn)

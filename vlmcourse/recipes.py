@@ -46,6 +46,11 @@ class Stage1Recipe(Recipe):
     # embedding starts at zero, and at lr 3e-4 moves about 0.03 in 100 steps, against LayerNormed features of
     # unit scale: without a higher rate the queries cannot tell where a patch is.
     lr_scales: dict = field(default_factory=dict, metadata={"key": "if_changed"})
+    # The temperature is learned as logit_scale = log(1/τ) (CLIP's convention, losses.py). Adam moves a parameter by
+    # about lr a step, so log(1/τ) moves by lr and τ by lr·τ: at lr x 1/0.07, τ moves as fast near its start as
+    # BLIP-2's, which stores τ itself (without it, τ hardly leaves 0.07 in a course run: issue 18's measurements in
+    # docs/recipes.md). A name prefix in lr_scales wins over it.
+    temperature_lr_scale: float = 1 / 0.07
 
 
 def recipe_key(recipe) -> str:

@@ -32,7 +32,10 @@ class Stage1Config:
     num_query_tokens: int = 32
     embed_dim: int = 256                  # ITC feature size, as in BLIP-2
     max_text_len: int = 32
-    temp: float = 0.07                    # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    # The ITC temperature, learned in CLIP's convention (losses.py): logit_scale = log(1/τ), starting at τ = 0.07.
+    # BLIP-2 keeps τ ≥ 0.001, so 1/τ is capped at 1000 (CLIP caps it at 100).
+    logit_scale_init: float = L.LOGIT_SCALE_INIT
+    max_logit_scale: float = 1000.0
     itc_label_smoothing: float = 0.0
     itg_label_smoothing: float = 0.1
     itm_batch_size: int | None = None     # positives per ITM step (None: the whole batch); ITM costs 3 forwards
@@ -66,7 +69,7 @@ class Stage1Model(nn.Module):
         self.vision_proj = nn.Linear(hidden, self.config.embed_dim)
         self.text_proj = nn.Linear(hidden, self.config.embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
-        self.temp = nn.Parameter(torch.tensor(self.config.temp))
+        self.logit_scale = nn.Parameter(torch.tensor(float(self.config.logit_scale_init)))
         self.bos_id = tokenizer.convert_tokens_to_ids(self.config.decoder_bos_token)
         unknown = tokenizer.unk_token_id
         if self.bos_id is None or self.bos_id == unknown:
@@ -92,11 +95,16 @@ class Stage1Model(nn.Module):
         # A BertModel has no MLM head: the LM head's transform is new too (its decoder is the word embeddings,
         # which named_parameters() lists under the embeddings).
         return ["qformer.query_tokens", *cross, "qformer.lm_head.", "image_adapter.", "vision_proj.", "text_proj.",
-                "temp", "itm_head."]
+                "logit_scale", "itm_head."]
 
     @property
     def device(self) -> torch.device:
-        return self.temp.device
+        return self.logit_scale.device
+
+    @property
+    def temperature(self) -> float:
+        """The ITC temperature τ = 1 / exp(logit_scale) (capped as in training)."""
+        return 1 / L.logit_multiplier(self.logit_scale.detach(), self.config.max_logit_scale).item()
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.config.max_text_len,
@@ -158,10 +166,9 @@ class Stage1Model(nn.Module):
                             mask_type=L.MASK_FOR_LOSS["itc"], use_cache="itg" in self.config.losses)
         image_feats = F.normalize(self.vision_proj(both.query_output), dim=-1)
         text_feats = F.normalize(self.text_proj(both.text_output[:, 0]), dim=-1)
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-        itc, sim_i2t = L.itc_loss(D.gather(image_feats), D.gather(text_feats), self.temp, image_ids,
-                                  self.config.itc_label_smoothing, rows=D.local_rows(b), is_positive=pos)
+        itc, sim_i2t = L.itc_loss(D.gather(image_feats), D.gather(text_feats), self.logit_scale, image_ids,
+                                  self.config.itc_label_smoothing, rows=D.local_rows(b), is_positive=pos,
+                                  max_logit_scale=self.config.max_logit_scale)
         if "itc" in self.config.losses:
             out["itc"] = itc
 
@@ -233,6 +240,9 @@ class Stage1Model(nn.Module):
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         stage1 = config["stage1"]
+        if "temp" in stage1:
+            raise ValueError(f"{path} holds a stage-1 model saved before its temperature became logit_scale "
+                             "(CLIP's convention): train it again")
         stage1["losses"] = tuple(stage1["losses"])
         model = cls(QFormer(QFormerConfig(**config["qformer"])), AutoTokenizer.from_pretrained(path),
                     config["num_image_tokens"], Stage1Config(**stage1))
@@ -313,7 +323,7 @@ def itm_score_groups(model: Stage1Model, features: torch.Tensor, captions: list[
     n, flat = len(captions), [c for caps in captions for c in caps]
     image_feats, text_feats = itc_features(model, features, captions)
     is_positive = owner[None, :] == torch.arange(n)[:, None]                  # (N, all captions)
-    hard, _ = L.sample_hard_negatives(L.itc_similarity(image_feats, text_feats) / model.temp.detach().cpu(),
+    hard, _ = L.sample_hard_negatives(L.itc_similarity(image_feats, text_feats) / model.temperature,
                                       is_positive, generator)
     picks = {"matched": torch.multinomial(is_positive.float(), 1, generator=generator).squeeze(1),
              "random": torch.multinomial((~is_positive).float(), 1, generator=generator).squeeze(1),
