@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import LOGIT_SCALE_INIT, MAX_LOGIT_SCALE, logit_multiplier
+from .losses import LOGIT_SCALE_INIT, MAX_LOGIT_SCALE, logit_multiplier, temperature_from
 from .metrics import _check_2d, retrieval_recall
 from .train import TrainConfig, TrainResult, train
 from .utils import eval_mode
@@ -201,7 +201,7 @@ class LiTModel(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return 1 / logit_multiplier(self.logit_scale.detach(), self.config.max_logit_scale).item()
+        return temperature_from(self.logit_scale, self.config.max_logit_scale)
 
 
 # -----------------------------------------------------------------------------

@@ -36,6 +36,11 @@ def logit_multiplier(logit_scale: torch.Tensor | float, max_logit_scale: float =
     return torch.as_tensor(logit_scale).exp().clamp(max=max_logit_scale)
 
 
+def temperature_from(logit_scale: torch.Tensor | float, max_logit_scale: float = MAX_LOGIT_SCALE) -> float:
+    """τ, read off a ``logit_scale`` (as the loss uses it: capped)."""
+    return 1 / logit_multiplier(torch.as_tensor(logit_scale).detach(), max_logit_scale).item()
+
+
 def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
     """(Bi, Q, E) query features x (Bt, E) text features -> (Bi, Bt): max over the Q queries.
 

@@ -104,7 +104,7 @@ class Stage1Model(nn.Module):
     @property
     def temperature(self) -> float:
         """The ITC temperature τ = 1 / exp(logit_scale) (capped as in training)."""
-        return 1 / L.logit_multiplier(self.logit_scale.detach(), self.config.max_logit_scale).item()
+        return L.temperature_from(self.logit_scale, self.config.max_logit_scale)
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.config.max_text_len,
