@@ -16,6 +16,8 @@ JSON object per part. Run by hand, on a quiet machine:
 
     python benchmarks/shapes_world.py                       # stage 1, attention, both stage-2 runs
     python benchmarks/shapes_world.py --parts stage1 --stage1-steps 100 --queries 8
+    python benchmarks/shapes_world.py --parts stage1 --shapes-stage1 --image-positions sincos \
+        --stage1-steps 800 --stage1-eval-every 100          # the notebooks' recipe, longer: its learning curve
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from sweep import save_record
 
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm, load_vision_encoder
@@ -63,11 +67,23 @@ def attention_figures(model, feats, ds, grid) -> list[dict]:
     return rows
 
 
+def curve_point(model, data, grid) -> dict:
+    """Dev and test figures of a stage-1 model part-way through training (one point of the learning curve)."""
+    point = {}
+    for split in ("dev", "test"):
+        point[split] = stage1_figures(model, *data[split])
+        last = attention_figures(model, *data[split], grid)[-1]
+        point[split]["attention on the object (last layer)"] = last["top query's mass on the object (mean)"]
+        point[split]["objects with >= half"] = last["objects with >= half"]
+    return point
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="*", default=["stage1", "stage2"], choices=["stage1", "stage2"])
     parser.add_argument("--queries", type=int, default=8)
-    parser.add_argument("--stage1-steps", type=int, default=60)
+    parser.add_argument("--stage1-steps", type=int, default=None,
+                        help="default 60, or SHAPES_STAGE1's with --shapes-stage1")
     parser.add_argument("--stage1-lr", type=float, default=3e-4)
     parser.add_argument("--new-lr-scale", type=float, default=1.0)
     parser.add_argument("--adapter-lr-scale", type=float, default=1.0, help="lr multiple of the image adapter")
@@ -89,9 +105,14 @@ def main() -> None:
     parser.add_argument("--shapes-stage1", action="store_true",
                         help="stage 1 is recipes.SHAPES_STAGE1 (the notebooks'), not the flags above")
     parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--stage1-eval-every", type=int, default=0,
+                        help="a stage-1 learning curve: dev and test figures every N steps (saved in the model's history)")
     parser.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
                         help="also train stage 2 from a fresh Q-Former")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-curve", type=Path, default=None,
+                        help="write the learning curves (stage 1 with --stage1-eval-every; stage 2) to this JSON "
+                             "file, as vlmcourse/recorded/ keeps the curves notebooks 04 and 05 draw")
     args = parser.parse_args()
 
     profile = get_profile("cpu", data="shapes")
@@ -99,7 +120,7 @@ def main() -> None:
     began = time.perf_counter()
     data = {s: split_features(profile, s, vision) for s in SPLITS}
     show("features", seconds=time.perf_counter() - began, images={s: len(f) for s, (f, _) in data.items()})
-    stage1 = Stage1Recipe(steps=args.stage1_steps, lr=args.stage1_lr, batch_size=32, warmup_steps=10, seed=args.seed,
+    stage1 = Stage1Recipe(steps=args.stage1_steps or 60, lr=args.stage1_lr, batch_size=32, warmup_steps=10, seed=args.seed,
                           eval_every=0, new_lr_scale=args.new_lr_scale,
                           lr_scales={**({} if args.adapter_lr_scale == 1 else {"image_adapter.": args.adapter_lr_scale}),
                                      **({} if args.cross_lr_scale == 1 else
@@ -110,12 +131,21 @@ def main() -> None:
                                              image_positions=args.image_positions))
 
     if args.shapes_stage1:
-        stage1 = replace(SHAPES_STAGE1, seed=args.seed,
+        stage1 = replace(SHAPES_STAGE1, seed=args.seed, steps=args.stage1_steps or SHAPES_STAGE1.steps,
                          model=replace(SHAPES_STAGE1.model, image_positions=args.image_positions))
+
+    if args.stage1_eval_every:           # a learning curve: dev and test figures every N steps, kept in the history
+        stage1 = replace(stage1, eval_every=args.stage1_eval_every)
 
     if "stage1" in args.parts:
         began = time.perf_counter()
-        model, result = load_or_train_stage1(profile, stage1)
+        model, result = load_or_train_stage1(profile, stage1,
+                                             metrics=lambda m: curve_point(m, data, vision.grid_size))
+        for point in result.evals:
+            show("stage 1 curve", **point)
+        if args.save_curve:
+            save_record(args.save_curve, "stage 1 on the shapes world: dev and test figures as one run trains",
+                        {f"stage 1, {stage1.steps} steps": (stage1, result, {})})
         show("stage 1", recipe=stage1, train_s=result.seconds, with_setup_s=time.perf_counter() - began,
              s_per_step=result.seconds / stage1.steps, last_eval=result.evals[-1] if result.evals else None,
              **{split: stage1_figures(model, *data[split]) for split in ("dev", "test", "composition")})
@@ -132,6 +162,7 @@ def main() -> None:
             scores = captioner_scores(m, dev_feats.features, dev.objects, max_new)
             return {"dev_attributes": scores["all"], **{f"dev_{k}": scores[k] for k in ("colour", "shape", "position")}}
 
+        recorded = {}
         for name, source in (("from stage 1", stage1), ("fresh Q-Former", None)):
             if source is None and not args.fresh:
                 continue
@@ -156,7 +187,12 @@ def main() -> None:
                 row[split] = {**captioner_scores(model, feats.features, ds.objects, max_new),
                               "examples": model.generate(feats.features[:3], max_new_tokens=max_new)}
             show("stage 2", **row)
+            recorded[name] = (recipe, result, {split: {k: v for k, v in row[split].items() if k != "examples"}
+                                               for split in ("test", "composition")})
             del model
+        if args.save_curve:
+            save_record(args.save_curve, "stage 2 on the shapes world: dev caption accuracy as each run trains, "
+                        "test and composition at the end", recorded)
     show("done", peak_memory_mb=peak_memory_mb(), threads=torch.get_num_threads())
 
 

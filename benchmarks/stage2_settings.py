@@ -12,6 +12,8 @@ fight: ``OMP_NUM_THREADS=1``. Run by hand:
 
     python benchmarks/stage2_settings.py                      # the default sweep
     python benchmarks/stage2_settings.py --only lr=3e-3 --seeds 0 1
+    python benchmarks/stage2_settings.py --only "Stage2Recipe()" "Stage2Recipe(), fresh Q-Former" --steps 200 \
+        --eval-every 40 --save-curve curve.json    # learning curves: dev CIDEr-D (photo and blank) as each trains
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 from dataclasses import asdict, replace
 
 import torch
-from sweep import emit, sweep_parser
+from sweep import emit, save_record, sweep_parser
 
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm, load_vision_encoder
@@ -35,6 +37,8 @@ SHORT_EXAMPLE = "\nOne short caption, like: A dog runs on the grass.<|im_end|>\n
 # notebook 04's stage-1 recipe with BLIP-2's Q-Former dropout (docs/recipes.md, "04": its queries may stay apart)
 DROPOUT_STAGE1 = replace(Stage1Recipe(), model=replace(Stage1Recipe().model, dropout=0.1))
 SWEEP = {
+    "Stage2Recipe()": dict(),                                  # notebook 05's recipe, from notebook 04's stage 1
+    "Stage2Recipe(), fresh Q-Former": dict(stage1=None),       # the same without stage 1
     "lr=3e-4": dict(lr=3e-4),
     "lr=1e-3": dict(lr=1e-3),
     "lr=3e-3": dict(lr=3e-3),
@@ -74,6 +78,14 @@ def main():
     feats, ds = split_features(profile, "dev")
     references = captions_for(feats, ds)
     blank_x = blank_image_features(load_vision_encoder(profile))     # a grey photo: what a model says without one
+
+    def curve_point(m):                  # dev CIDEr-D with the photo and with a grey one, part-way through training
+        with torch.no_grad():
+            blank = evaluate_captions(m, references, soft_prompts=m.soft_prompts(blank_x))
+        return {"CIDEr-D": evaluate_captions(m, references, feats.features)["CIDEr-D"],
+                "CIDEr-D, blank photo": blank["CIDEr-D"]}
+
+    recorded = {}
     for name, change in SWEEP.items():
         if args.only and name not in args.only:
             continue
@@ -81,9 +93,9 @@ def main():
             change = dict(change)
             if change.get("steps", args.steps) is None:       # same number of captions seen as the batch-16 runs
                 change["steps"] = args.steps * 16 // change["batch_size"]
-            recipe = replace(Stage2Recipe(steps=args.steps, seed=seed), **change)
+            recipe = replace(Stage2Recipe(steps=args.steps, seed=seed, eval_every=args.eval_every), **change)
             began = time.perf_counter()
-            model, result = train_stage2(profile, recipe, llm=llm)
+            model, result = train_stage2(profile, recipe, llm=llm, metrics=curve_point if args.eval_every else None)
             trained = time.perf_counter() - began
             began = time.perf_counter()
             report = evaluate_captions(model, references, feats.features)
@@ -98,6 +110,10 @@ def main():
                    "eval s": round(time.perf_counter() - began, 1), "examples": report["captions"][:3],
                    "threads": torch.get_num_threads(), "recipe": asdict(recipe) | {"stage1": recipe.stage1 is not None}}
             emit(row, args.out)
+            recorded[f"{name}, seed {seed}"] = (recipe, result, {k: row[k] for k in ("CIDEr-D", "CIDEr-D, blank photo")})
+    if args.save_curve:
+        save_record(args.save_curve, "stage 2 on Flickr8k: dev CIDEr-D with the photo and with a grey one as each "
+                    "run trains", recorded)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,19 @@
-"""What the settings sweeps (stage1_settings.py, stage2_settings.py) share: their command line and their output,
-one JSON line per run (printed, and appended to --out)."""
+"""What the benchmarks share: the settings sweeps' (stage1_settings.py, stage2_settings.py) command line and output,
+one JSON line per run (printed, and appended to --out), and the learning curves they record for the notebooks
+(``save_record``: the JSON files of vlmcourse/recorded/ that ``recipes.recorded_run`` reads)."""
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from vlmcourse.train import bf16_supported
 
 
 def sweep_parser(description: str, steps: int) -> argparse.ArgumentParser:
@@ -12,6 +22,9 @@ def sweep_parser(description: str, steps: int) -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="*", help="names of SWEEP entries to run")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--eval-every", type=int, default=0, help="a learning curve: evaluate every N steps")
+    parser.add_argument("--save-curve", default=None, help="write the runs' learning curves to this JSON file "
+                        "(vlmcourse/recorded/ keeps those the notebooks draw)")
     return parser
 
 
@@ -21,3 +34,17 @@ def emit(row: dict, out: str | None) -> None:
     if out:
         with open(out, "a") as f:
             f.write(line + "\n")
+
+
+def save_record(path, what: str, runs: dict) -> None:
+    """Learning curves and where they came from (the command, the machine, the date), as ``recipes.recorded_run``
+    reads them: ``runs`` is {name: (recipe, TrainResult, figures at the end)}; each run keeps its recipe, seconds
+    per step (evaluations included) and its evaluations, steps counted from 1."""
+    record = {"what": what, "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, "
+                         f"{'bf16 autocast' if bf16_supported('cpu') else 'float32'}",
+              "date": time.strftime("%Y-%m-%d"), "seeds": sorted({recipe.seed for recipe, _, _ in runs.values()}),
+              "runs": {name: {"recipe": asdict(recipe), "seconds_per_step": round(result.seconds / recipe.steps, 2),
+                              "points": [{**p, "step": p["step"] + 1} for p in result.evals], "final": final}
+                       for name, (recipe, result, final) in runs.items()}}
+    Path(path).write_text(json.dumps(record, indent=1, default=str) + "\n")

@@ -15,13 +15,55 @@ def tiny_world(flickr_dir, tmp_path, monkeypatch):
 
 def test_stage1_is_trained_once_then_handed_off(tiny_world, monkeypatch):
     recipe = Stage1Recipe(steps=4, batch_size=4, eval_every=2, model=Stage1Config(num_query_tokens=4))
-    model, result = load_or_train_stage1("tiny", recipe)
+    seen = []
+
+    def metrics(m):                     # a caller's measure, taken at each evaluation (a learning curve)
+        seen.append(m.training)
+        return {"queries": m.qformer.query_tokens.shape[1]}
+
+    model, result = load_or_train_stage1("tiny", recipe, metrics=metrics)
     assert len(result.history) == 4 and [e["step"] for e in result.evals] == [1, 3]
+    assert [e["queries"] for e in result.evals] == [4, 4] and seen == [False, False]   # in eval mode, kept in history
     assert {"itc", "itm", "itg", "loss"} <= set(result.history[0])
     monkeypatch.setattr(pipeline, "train_stage1", lambda *a, **k: pytest.fail("retrained"))
     again, history = load_or_train_stage1("tiny", recipe)
-    assert history.history == result.history
+    assert history.history == result.history and history.evals == result.evals
     x = torch.randn(2, 16, 32)
     assert torch.allclose(model.eval().image_features(x), again.image_features(x), atol=1e-6)
     other = Stage1Recipe(steps=4, batch_size=4, seed=1, model=Stage1Config(num_query_tokens=4))
     assert recipes.stage1_dir(recipes.get_profile("tiny"), other) != recipes.stage1_dir(recipes.get_profile("tiny"), recipe)
+
+
+def test_recorded_runs_load_and_draw(tmp_path, monkeypatch):
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from vlmcourse.plots import plot_recorded_curve
+
+    record = {"seeds": [0], "machine": "x86_64 CPU, 2 threads, float32",
+              "runs": {"a": {"points": [{"step": 10, "test": {"r1": 0.2}}, {"step": 20, "test": {"r1": 0.6}}]},
+                       "b": {"points": [{"step": 10, "dev_all": 0.1}, {"step": 30, "dev_all": 0.3}]},
+                       "c": {"points": [{"step": 5, "cider": 0.2}]}}}
+    monkeypatch.setattr(recipes, "RECORDED", tmp_path)
+    (tmp_path / "curve.json").write_text(json.dumps(record))
+    assert recipes.recorded_run("curve") == record
+    with pytest.raises(FileNotFoundError, match="no recorded run 'other'.*other.json"):
+        recipes.recorded_run("other")
+    fig = plot_recorded_curve(record, {"test": {"R@1": ("a", "r1", 0.9)}}, mark_step=15)
+    ax = fig.axes[0]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "R@1"]
+    assert list(line.get_xdata()) == [10, 20] and list(line.get_ydata()) == [20.0, 60.0]
+    assert any(list(ln.get_ydata()) == [90.0, 90.0] for ln in ax.get_lines())      # the target, dashed
+    fig = plot_recorded_curve(record, {"dev": {"all three": ("b", "all", None)}}, split="dev")
+    assert [list(ln.get_ydata()) for ln in fig.axes[0].get_lines()] == [[10.0, 30.0]]   # "dev_all": flat keys too
+    fig = plot_recorded_curve(record, {"dev": {"CIDEr-D": ("c", "cider", None)}}, split="dev")
+    assert [list(ln.get_ydata()) for ln in fig.axes[0].get_lines()] == [[20.0]]          # and the key alone
+
+
+def test_shipped_recorded_runs_name_their_command_and_machine():
+    for path in sorted(recipes.RECORDED.glob("*.json")):
+        record = recipes.recorded_run(path.stem)
+        assert record["command"].startswith("python benchmarks/") and record["machine"] and record["runs"], path
+        assert all(run["points"] for run in record["runs"].values()), path

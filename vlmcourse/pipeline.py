@@ -45,8 +45,9 @@ def load_or_train(path: Path, recipe, load: Callable, train_fn: Callable, retrai
 
 # ----------------------------------------------------------------------------- stage 1
 def train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | None = None,
-                 eval_split: str = "dev") -> tuple[Stage1Model, TrainResult]:
-    """Stage 1 on cached image features of the train split, with Recall@5 on ``eval_split`` as it goes."""
+                 eval_split: str = "dev", metrics=None) -> tuple[Stage1Model, TrainResult]:
+    """Stage 1 on cached image features of the train split, with Recall@5 on ``eval_split`` as it goes.
+    ``metrics(model) -> {name: value}`` adds the caller's measures to each evaluation (a learning curve)."""
     profile = as_profile(profile)
     recipe = recipe or Stage1Recipe()
     vision = load_vision_encoder(profile)
@@ -59,7 +60,8 @@ def train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | No
 
     def eval_fn(m):
         r = retrieval(m, eval_feats.features, eval_captions, ks=(5,))
-        return {f"{eval_split}_i2t_r5": r["image->text"][5], f"{eval_split}_t2i_r5": r["text->image"][5]}
+        return {f"{eval_split}_i2t_r5": r["image->text"][5], f"{eval_split}_t2i_r5": r["text->image"][5],
+                **(metrics(m) if metrics else {})}
 
     # where other photos' captions can fit a photo (the shapes world), they count as matches, not negatives
     batches = caption_batches(train_feats.features, captions_for(train_feats, train_ds), train_feats.image_ids,
@@ -73,12 +75,12 @@ def train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | No
 
 
 def load_or_train_stage1(profile: Profile | str | None = None, recipe: Stage1Recipe | None = None,
-                         retrain: bool = False) -> tuple[Stage1Model, TrainResult]:
+                         retrain: bool = False, metrics=None) -> tuple[Stage1Model, TrainResult]:
     """The stage-1 model of this recipe: loaded if it was trained before, else trained and saved."""
     profile, recipe = as_profile(profile), recipe or Stage1Recipe()
     return load_or_train(stage1_dir(profile, recipe), recipe,
                          lambda path: Stage1Model.from_pretrained(path).to(profile.device),
-                         lambda: train_stage1(profile, recipe), retrain)
+                         lambda: train_stage1(profile, recipe, metrics=metrics), retrain)
 
 
 # ----------------------------------------------------------------------------- stage 2

@@ -555,3 +555,32 @@ def plot_vlm_designs(cards: Sequence[dict], text_tokens: int, num_layers: int):
     params.set(xscale="log", yticks=[], xlabel="trainable parameters (millions, log scale)", title="what trains")
     params.set_xlim(right=max(c["trainable parameters"] for c in cards) / 1e6 * 8)
     return fig
+
+
+# ---------------------------------------------------------------------------- a recorded longer run (notebook 04)
+def plot_recorded_curve(record: dict, panels: dict[str, dict[str, tuple[str, float]]], split: str = "test",
+                        mark_step: int | None = None, mark_label: str = "this notebook's run"):
+    """A recorded run's figures (``recipes.recorded_run``) on ``split`` against the training step, in %: one panel
+    per entry of ``panels``, {title: {label: (run name, key in its points, target)}}, each target dashed in its
+    line's colour; a grey line at ``mark_step`` (the steps the notebook itself trains)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    last = max(p["step"] for run in record["runs"].values() for p in run["points"])
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for color, (label, (run, key, target)) in zip(colors, series.items()):
+            points = record["runs"][run]["points"]
+            # a point keeps a split's figures under the split's name, as "<split>_<key>", or (one split) as "<key>"
+            values = [100 * (p[split][key] if split in p else p.get(f"{split}_{key}", p.get(key))) for p in points]
+            ax.plot([p["step"] for p in points], values, "-o", color=color, lw=2, ms=5, label=label)
+            if target is not None:
+                ax.axhline(100 * target, color=color, ls="--", lw=1.2)
+        if mark_step:
+            ax.axvline(mark_step, color="gray", lw=1.5)
+            ax.text(mark_step, 2, f" {mark_label}", color="dimgray", va="bottom")
+        ax.set(title=title, xlabel="training step", ylabel=f"{split} (%)", ylim=(0, 102), xlim=(0, last * 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=10, loc="best")
+    seeds = ", ".join(map(str, record["seeds"]))
+    fig.suptitle(f"Recorded runs, seed {seeds} ({record['machine']}); dashed: the targets", fontsize=11)
+    fig.tight_layout()
+    return fig

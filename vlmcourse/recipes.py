@@ -96,6 +96,20 @@ SHAPES_STAGE1 = Stage1Recipe(steps=100, eval_every=0, lr_scales={"image_adapter.
                                                 image_positions="sincos"))
 
 
+RECORDED = Path(__file__).parent / "recorded"
+
+
+def recorded_run(name: str) -> dict:
+    """A longer run of a recipe than a notebook can afford on a CPU, measured by a benchmark (its ``command`` is
+    inside, with the machine, the date and the seed) and shipped as JSON in ``vlmcourse/recorded/``: what a notebook
+    draws, labelled as recorded, when its own budget cannot reach a result (``benchmarks/shapes_world.py
+    --save-curve`` writes them)."""
+    path = RECORDED / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no recorded run {name!r}: looked for {path}")
+    return json.loads(path.read_text())
+
+
 # ----------------------------------------------------------------------------- stage 2
 # The instruct LLM's own answer turn: it knows a reply follows, and ends it with EOS (<|im_end|>).
 CHAT_PROMPT = "A short caption of the photo:<|im_end|>\n<|im_start|>assistant\n"
