@@ -139,8 +139,8 @@ def main() -> None:
 
     if "stage1" in args.parts:
         began = time.perf_counter()
-        model, result = load_or_train_stage1(profile, stage1,
-                                             metrics=lambda m: curve_point(m, data, vision.grid_size))
+        curve = (lambda m: curve_point(m, data, vision.grid_size)) if args.stage1_eval_every else None
+        model, result = load_or_train_stage1(profile, stage1, metrics=curve)
         for point in result.evals:
             show("stage 1 curve", **point)
         if args.save_curve:

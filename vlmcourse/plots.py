@@ -3,7 +3,8 @@
 Each function draws on a matplotlib axis or figure and returns it; none trains or changes a model.
 Sections follow the course: patches and position embeddings (01), attention masks (03, 04),
 contrastive learning and retrieval (02, 04), stage 1 (04), stage 2 and captions (05, 06), where the image enters
-the LLM (08). The attention-map figures and the explorer of notebook 07 live in ``viz.py``.
+the LLM (08), and the recorded longer runs (04, 05, 07). The attention-map figures and the explorer of notebook 07
+live in ``viz.py``.
 """
 from __future__ import annotations
 
@@ -557,7 +558,7 @@ def plot_vlm_designs(cards: Sequence[dict], text_tokens: int, num_layers: int):
     return fig
 
 
-# ---------------------------------------------------------------------------- a recorded longer run (notebook 04)
+# ---------------------------------------------------------------------------- recorded longer runs (notebooks 04, 05, 07)
 def plot_recorded_curve(record: dict, panels: dict[str, dict[str, tuple[str, float]]], split: str = "test",
                         mark_step: int | None = None, mark_label: str = "this notebook's run"):
     """A recorded run's figures (``recipes.recorded_run``) on ``split`` against the training step, in %: one panel
