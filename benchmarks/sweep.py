@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -40,7 +41,7 @@ def save_record(path, what: str, runs: dict) -> None:
     """Learning curves and where they came from (the command, the machine, the date), as ``recipes.recorded_run``
     reads them: ``runs`` is {name: (recipe, TrainResult, figures at the end)}; each run keeps its recipe, seconds
     per step (evaluations included) and its evaluations, steps counted from 1."""
-    record = {"what": what, "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    record = {"what": what, "command": "python benchmarks/" + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, "
                          f"{'bf16 autocast' if bf16_supported('cpu') else 'float32'}",
               "date": time.strftime("%Y-%m-%d"), "seeds": sorted({recipe.seed for recipe, _, _ in runs.values()}),
