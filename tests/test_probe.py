@@ -23,6 +23,15 @@ def test_probe_reads_a_linear_property_and_not_a_random_one():
     assert fit_linear_probe(*_clusters(600, 1, shuffle=True)).accuracy(x_test, y_test) < 0.6   # labels no feature explains
 
 
+def test_probe_is_seeded_and_leaves_the_global_random_state_alone():
+    x, y = _clusters(60, 1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = fit_linear_probe(x, y, steps=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(first.linear.weight, fit_linear_probe(x, y, steps=2).linear.weight)
+
+
 def test_probe_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="features"):
         fit_linear_probe(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long))

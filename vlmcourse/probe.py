@@ -39,8 +39,9 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int | None =
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"want features (N, D) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
     x = x.float()
-    torch.manual_seed(seed)
-    probe = LinearProbe(x.mean(0), x.std(0) + 1e-6, num_classes or int(y.max()) + 1)
+    with torch.random.fork_rng():           # a seeded start that leaves the caller's random state alone
+        torch.manual_seed(seed)
+        probe = LinearProbe(x.mean(0), x.std(0) + 1e-6, num_classes or int(y.max()) + 1)
     opt = torch.optim.Adam(probe.linear.parameters(), lr=lr)
     for _ in range(steps):
         loss = F.cross_entropy(probe(x), y) + weight_decay * probe.linear.weight.square().sum()
