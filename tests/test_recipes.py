@@ -62,6 +62,23 @@ def test_recorded_runs_load_and_draw(tmp_path, monkeypatch):
     assert [list(ln.get_ydata()) for ln in fig.axes[0].get_lines()] == [[20.0]]          # and the key alone
 
 
+def test_recorded_curve_title_names_targets_only_when_drawn_and_gate_curve_draws_each_gate():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from vlmcourse.plots import plot_gate_curve, plot_recorded_curve
+
+    record = {"seeds": [0], "machine": "x86_64 CPU", "runs": {"a": {"points": [{"step": 5, "dev_acc": 0.4}]}}}
+    assert "targets" not in plot_recorded_curve(record, {"p": {"acc": ("a", "acc", None)}}, split="dev")._suptitle.get_text()
+    assert "targets" in plot_recorded_curve(record, {"p": {"acc": ("a", "acc", 0.5)}}, split="dev")._suptitle.get_text()
+    gates = [{"step": s, "attn 0": 0.0, "ff 0": 0.01 * s, "attn 10": -0.02 * s, "ff 10": 0.0} for s in (1, 2, 3)]
+    ax = plot_gate_curve(gates)
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+    assert lines["before layer 0: feed-forward"] == pytest.approx([0.01, 0.02, 0.03])
+    assert lines["before layer 10: attention"] == pytest.approx([-0.02, -0.04, -0.06])
+    assert len([k for k in lines if k.startswith("before layer")]) == 4       # two blocks, two gates each
+
+
 def test_shipped_recorded_runs_name_their_command_and_machine():
     for path in sorted(recipes.RECORDED.glob("*.json")):
         record = recipes.recorded_run(path.stem)

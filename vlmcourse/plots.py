@@ -3,7 +3,7 @@
 Each function draws on a matplotlib axis or figure and returns it; none trains or changes a model.
 Sections follow the course: patches and position embeddings (01), attention masks (03, 04),
 contrastive learning and retrieval (02, 04), stage 1 (04), stage 2 and captions (05, 06), where the image enters
-the LLM (08), and the recorded longer runs (04, 05, 07). The attention-map figures and the explorer of notebook 07
+the LLM (08), and the recorded longer runs (04, 05, 07, 08). The attention-map figures and the explorer of notebook 07
 live in ``viz.py``.
 """
 from __future__ import annotations
@@ -582,6 +582,29 @@ def plot_recorded_curve(record: dict, panels: dict[str, dict[str, tuple[str, flo
         ax.grid(alpha=0.3)
         ax.legend(fontsize=10, loc="best")
     seeds = ", ".join(map(str, record["seeds"]))
-    fig.suptitle(f"Recorded runs, seed {seeds} ({record['machine']}); dashed: the targets", fontsize=11)
+    targets = any(target is not None for series in panels.values() for (_, _, target) in series.values())
+    fig.suptitle(f"Recorded runs, seed {seeds} ({record['machine']})" + ("; dashed: the targets" if targets else ""),
+                 fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def plot_gate_curve(gates: Sequence[dict], ax=None, title: str = "Flamingo's gates as it trains"):
+    """tanh of a Flamingo model's gates against the training step: ``gates`` is one dict per step, {"step": s,
+    "attn 10": ..., "ff 10": ...} (``flamingo.FlamingoLM.gates`` logged each step, as a recorded run keeps it).
+    One colour per block (the decoder layer it precedes), solid the attention gate, dashed the feed-forward one."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4))
+    steps = [g["step"] for g in gates]
+    layers = sorted({int(k.split()[1]) for k in gates[0] if k != "step"})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, layer in zip(colors, layers):
+        for kind, style in (("attn", "-"), ("ff", "--")):
+            name = "attention" if kind == "attn" else "feed-forward"
+            ax.plot(steps, [g[f"{kind} {layer}"] for g in gates], style, color=color, lw=2,
+                    label=f"before layer {layer}: {name}")
+    ax.axhline(0, color="gray", lw=1)
+    ax.set(xlabel="training step", ylabel="tanh(gate)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, ncol=len(layers), loc="best")
+    return ax
