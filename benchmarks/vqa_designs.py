@@ -21,9 +21,9 @@ that notebook 08 draws (``vlmcourse/recorded/vqa_designs.json``, the notebook's 
 the photo.", and the dev photos' answers are scored by CIDEr-D (the Q-Former designs start from notebook 04's
 Flickr8k stage-1 model):
 
-    python benchmarks/vqa_designs.py --data flickr --designs mlp linear resampler qformer-tuned flamingo \
+    python benchmarks/vqa_designs.py --data flickr --designs mlp qformer-tuned flamingo resampler linear \
         --steps 50 --batch-size 32 --per-image 4 --lr 3e-3 --lr-for qformer-tuned=3e-4 \
-        --proj-lr-scale-for qformer-tuned=10 --eval-every 10 --save-curve vlmcourse/recorded/caption_designs.json
+        --proj-lr-scale-for qformer-tuned=10 --eval-every 25 --save-curve vlmcourse/recorded/caption_designs.json
 """
 from __future__ import annotations
 
@@ -49,10 +49,10 @@ from vlmcourse.recipes import SHAPES_STAGE1, Stage1Recipe, shapes_profile
 from vlmcourse.utils import in_batches, peak_memory_mb, seed_everything
 from vlmcourse.train import TrainConfig, train
 from vlmcourse.instructblip import InstructQFormerConnector
-from vlmcourse.vqa import FlamingoVQA, InstructBLIPVQA, SoftPromptVQA, answer_all, instruction_batches
+from vlmcourse.vqa import FlamingoVQA, InstructBLIPVQA, SoftPromptVQA, answer_all, design_card, instruction_batches
 from sweep import save_record
 
-# where the image enters the LLM and what the design's trainable part is, as the recorded comparison names them
+# each design's name in the printed rows and in a recorded comparison's runs
 DESIGNS = {"mlp": "LLaVA-1.5: MLP", "linear": "LLaVA: linear", "resampler": "resampler as soft prompts",
            "qformer-tuned": "BLIP-2: Q-Former, trained on", "qformer": "BLIP-2: Q-Former frozen",
            "flamingo": "Flamingo: gated cross-attention", "instructblip": "InstructBLIP: question in the Q-Former",
@@ -142,11 +142,6 @@ def world(data: str, split: str, questions: int, vision):
     return profile, train_feats, train_rows, eval_feats, eval_rows, score, 24
 
 
-def model_image_tokens(model) -> int:
-    """Tokens the design adds to the LLM's input (0 for Flamingo: the image enters through cross-attention)."""
-    return 0 if isinstance(model, FlamingoVQA) else model.num_soft_tokens
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--designs", nargs="+", default=["mlp", "resampler", "flamingo"])
@@ -186,7 +181,8 @@ def main():
             model, inputs = build(design, llm, vision, seed, profile)
             per_image = args.per_image if getattr(model, "shares_image_prefix", False) else 0   # Flamingo, InstructBLIP
             train_x, eval_x, blank_x = inputs(train_feats.features), inputs(eval_feats.features), inputs(blank)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            card = design_card(DESIGNS[design], model)       # image tokens in the LLM's input, trainable weights
+            trainable = card["trainable parameters"]
             scales = {n: args.gate_lr_scale for n, _ in model.named_parameters() if n.endswith("_gate")}
             if isinstance(model, SoftPromptVQA):
                 scales["proj."] = proj_scale_for.get(design, args.proj_lr_scale)
@@ -231,7 +227,7 @@ def main():
             print(json.dumps(row), flush=True)
             if args.save_curve:
                 final = {args.split: row["accuracy"], "blank": row["blank"],
-                         "trainable": trainable, "questions": len(eval_rows), "image_tokens": model_image_tokens(model),
+                         "trainable": trainable, "questions": len(eval_rows), "image_tokens": card["image tokens in the input"],
                          "last10_loss": row["last10_loss"],
                          "train_seconds_per_step": round((seconds - eval_seconds[0]) / args.steps, 2)}
                 if design == "flamingo":
