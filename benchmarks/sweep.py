@@ -37,15 +37,22 @@ def emit(row: dict, out: str | None) -> None:
             f.write(line + "\n")
 
 
-def save_record(path, what: str, runs: dict) -> None:
+def save_record(path, what: str, runs: dict, append: bool = False) -> None:
     """Learning curves and where they came from (the command, the machine, the date), as ``recipes.recorded_run``
     reads them: ``runs`` is {name: (recipe, TrainResult, figures at the end)}; each run keeps its recipe, seconds
-    per step (evaluations included) and its evaluations, steps counted from 1."""
-    record = {"what": what, "command": "python benchmarks/" + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    per step (evaluations included) and its evaluations, steps counted from 1. ``append``: keep the runs of the
+    record already at ``path`` (a later invocation adds its own; the commands are kept one per line)."""
+    command = "python benchmarks/" + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    old = json.loads(Path(path).read_text()) if append and Path(path).is_file() else None
+    commands = [] if old is None else old["command"].split("\n")
+    record = {"what": what, "command": "\n".join(commands + [command] * (command not in commands)),
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, "
                          f"{'bf16 autocast' if bf16_supported('cpu') else 'float32'}",
               "date": time.strftime("%Y-%m-%d"), "seeds": sorted({recipe.seed for recipe, _, _ in runs.values()}),
               "runs": {name: {"recipe": asdict(recipe), "seconds_per_step": round(result.seconds / recipe.steps, 2),
                               "points": [{**p, "step": p["step"] + 1} for p in result.evals], "final": final}
                        for name, (recipe, result, final) in runs.items()}}
+    if old is not None:
+        record["runs"] = {**old["runs"], **record["runs"]}
+        record["seeds"] = sorted(set(old["seeds"]) | set(record["seeds"]))
     Path(path).write_text(json.dumps(record, indent=1, default=str) + "\n")

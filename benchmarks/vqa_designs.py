@@ -24,6 +24,8 @@ Flickr8k stage-1 model):
     python benchmarks/vqa_designs.py --data flickr --designs mlp qformer-tuned flamingo resampler linear \
         --steps 50 --batch-size 32 --per-image 4 --lr 3e-3 --lr-for qformer-tuned=3e-4 \
         --proj-lr-scale-for qformer-tuned=10 --eval-every 25 --save-curve vlmcourse/recorded/caption_designs.json
+
+(the linear projector's run was added to that record by a second invocation with ``--append``).
 """
 from __future__ import annotations
 
@@ -165,6 +167,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=0, help="the split's accuracy every N steps (a curve)")
     ap.add_argument("--out")
     ap.add_argument("--save-curve", help="add each run to this recorded comparison (JSON, read by notebook 08)")
+    ap.add_argument("--append", action="store_true", help="keep the runs already in --save-curve's file")
     args = ap.parse_args()
     lr_for, proj_scale_for = ({d: float(v) for d, v in (item.split("=") for item in items)}
                               for items in (args.lr_for, args.proj_lr_scale_for))
@@ -238,7 +241,7 @@ def main():
                 what = ("VQA on the shapes world's {} questions" if args.data == "shapes" else
                         "captions of Flickr8k's {} photos (answers to 'Describe the photo.')").format(args.split)
                 save_record(args.save_curve, f"{what}, designs side by side at one budget: {point_key} as each "
-                            f"trains, with a blank photo at the end", recorded)
+                            f"trains, with a blank photo at the end", recorded, append=args.append)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
