@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, replace
 
 import torch
-from sweep import emit, save_record, sweep_parser
+from sweep import emit, last_mean, save_record, sweep_parser
 
 from vlmcourse import get_profile
 from vlmcourse.backbones import load_llm, load_vision_encoder
@@ -111,7 +111,7 @@ def main():
             row = {"setting": name, "seed": seed, "steps": recipe.steps, "batch": recipe.batch_size,
                    "train s (loop)": round(result.seconds, 1), "train s (with setup)": round(trained, 1),
                    "s/step": round(result.seconds / recipe.steps, 2), "dev loss": round(result.evals[-1]["dev_loss"], 3),
-                   "last train loss": round(sum(result.column("loss")[-5:]) / len(result.column("loss")[-5:]), 3),
+                   "last train loss": round(last_mean(result.column("loss"), 5), 3),
                    **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k != "captions"},
                    "CIDEr-D, blank photo": round(blank["CIDEr-D"], 4),
                    "eval s": "in the curve's last point" if reused else round(time.perf_counter() - began, 1), "examples": report["captions"][:3],

@@ -37,11 +37,17 @@ def emit(row: dict, out: str | None) -> None:
             f.write(line + "\n")
 
 
+def last_mean(values: list, n: int) -> float:
+    """The mean of the last ``n`` values (of all, if fewer): a run's closing loss."""
+    return sum(values[-n:]) / len(values[-n:])
+
+
 def save_record(path, what: str, runs: dict, append: bool = False) -> None:
     """Learning curves and where they came from (the command, the machine, the date), as ``recipes.recorded_run``
     reads them: ``runs`` is {name: (recipe, TrainResult, figures at the end)}; each run keeps its recipe, seconds
     per step (evaluations included) and its evaluations, steps counted from 1. ``append``: keep the runs of the
-    record already at ``path`` (a later invocation adds its own; the commands are kept one per line)."""
+    record already at ``path`` (a later invocation adds its own; the commands are kept one per line, the machine and
+    the date are the latest invocation's)."""
     command = "python benchmarks/" + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     old = json.loads(Path(path).read_text()) if append and Path(path).is_file() else None
     commands = [] if old is None else old["command"].split("\n")

@@ -52,7 +52,7 @@ from vlmcourse.utils import in_batches, peak_memory_mb, seed_everything
 from vlmcourse.train import TrainConfig, train
 from vlmcourse.instructblip import InstructQFormerConnector
 from vlmcourse.vqa import FlamingoVQA, InstructBLIPVQA, SoftPromptVQA, answer_all, design_card, instruction_batches
-from sweep import save_record
+from sweep import last_mean, save_record
 
 # each design's name in the printed rows and in a recorded comparison's runs
 DESIGNS = {"mlp": "LLaVA-1.5: MLP", "linear": "LLaVA: linear", "resampler": "resampler as soft prompts",
@@ -217,7 +217,7 @@ def main():
                    "batch": args.batch_size, "per_image": per_image, "gate_lr_scale": args.gate_lr_scale,
                    "proj_lr_scale": scales.get("proj."),
                    "s_per_step": round(seconds / args.steps, 2),
-                   "last10_loss": round(sum(result.column("loss")[-10:]) / len(result.column("loss")[-10:]), 3),
+                   "last10_loss": round(last_mean(result.column("loss"), 10), 3),
                    "accuracy": {k: round(v, 3) for k, v in seen.items()},
                    "blank": {k: round(v, 3) for k, v in blind.items()},
                    "curve": [(e["step"], round(e[point_key], 3)) for e in result.evals],
