@@ -42,23 +42,40 @@ def last_mean(values: list, n: int) -> float:
     return sum(values[-n:]) / len(values[-n:])
 
 
+def machine() -> str:
+    """The machine a run was measured on: the CPU's name and vector units, threads, and the precision training used
+    (bf16 autocast where the hardware has it, unless $VLMCOURSE_BF16=0)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    units = ("AVX-512 with bf16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+             else "AVX2" if "avx2" in flags else "")
+    return (f"{platform.machine()} CPU ({name}{', ' + units if units else ''}), {torch.get_num_threads()} threads, "
+            f"{'bf16 autocast' if bf16_supported('cpu') else 'float32'}")
+
+
 def save_record(path, what: str, runs: dict, append: bool = False) -> None:
     """Learning curves and where they came from (the command, the machine, the date), as ``recipes.recorded_run``
     reads them: ``runs`` is {name: (recipe, TrainResult, figures at the end)}; each run keeps its recipe, seconds
-    per step (evaluations included) and its evaluations, steps counted from 1. ``append``: keep the runs of the
-    record already at ``path`` (a later invocation adds its own; the commands are kept one per line, the machine and
-    the date are the latest invocation's)."""
+    per step (evaluations included), its evaluations, steps counted from 1, and the machine it ran on. ``append``:
+    keep the runs of the record already at ``path`` (a later invocation adds its own; the commands are kept one per
+    line, the record's machine names every machine of its runs, its date is the latest invocation's)."""
     command = "python benchmarks/" + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     old = json.loads(Path(path).read_text()) if append and Path(path).is_file() else None
     commands = [] if old is None else old["command"].split("\n")
+    here = machine()
     record = {"what": what, "command": "\n".join(commands + [command] * (command not in commands)),
-              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, "
-                         f"{'bf16 autocast' if bf16_supported('cpu') else 'float32'}",
-              "date": time.strftime("%Y-%m-%d"), "seeds": sorted({recipe.seed for recipe, _, _ in runs.values()}),
+              "machine": here, "date": time.strftime("%Y-%m-%d"),
+              "seeds": sorted({recipe.seed for recipe, _, _ in runs.values()}),
               "runs": {name: {"recipe": asdict(recipe), "seconds_per_step": round(result.seconds / recipe.steps, 2),
-                              "points": [{**p, "step": p["step"] + 1} for p in result.evals], "final": final}
+                              "points": [{**p, "step": p["step"] + 1} for p in result.evals], "final": final,
+                              "machine": here}
                        for name, (recipe, result, final) in runs.items()}}
     if old is not None:
-        record["runs"] = {**old["runs"], **record["runs"]}
+        record["runs"] = {**{name: {**run, "machine": run.get("machine", old["machine"])}
+                             for name, run in old["runs"].items()}, **record["runs"]}
         record["seeds"] = sorted(set(old["seeds"]) | set(record["seeds"]))
+        record["machine"] = " / ".join(dict.fromkeys(run["machine"] for run in record["runs"].values()))
     Path(path).write_text(json.dumps(record, indent=1, default=str) + "\n")

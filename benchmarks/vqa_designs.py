@@ -25,7 +25,9 @@ Flickr8k stage-1 model):
         --steps 50 --batch-size 32 --per-image 4 --lr 3e-3 --lr-for qformer-tuned=3e-4 \
         --proj-lr-scale-for qformer-tuned=10 --eval-every 25 --save-curve vlmcourse/recorded/caption_designs.json
 
-(the linear projector's run was added to that record by a second invocation with ``--append``).
+(the linear projector's run was added to that record by a second invocation with ``--append``). Both records hold a
+second seed of every design, added by the same commands with ``--seeds 1 --append``; on a CPU with bf16, run them
+with ``VLMCOURSE_BF16=0`` to train in float32 as the first seed did (each run keeps the machine it ran on).
 """
 from __future__ import annotations
 

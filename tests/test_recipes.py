@@ -71,6 +71,14 @@ def test_recorded_curve_title_names_targets_only_when_drawn_and_gate_curve_draws
     record = {"seeds": [0], "machine": "x86_64 CPU", "runs": {"a": {"points": [{"step": 5, "dev_acc": 0.4}]}}}
     assert "targets" not in plot_recorded_curve(record, {"p": {"acc": ("a", "acc", None)}}, split="dev")._suptitle.get_text()
     assert "targets" in plot_recorded_curve(record, {"p": {"acc": ("a", "acc", 0.5)}}, split="dev")._suptitle.get_text()
+    # one label, a run per seed: both drawn in one colour, the later seed fainter and unlabelled
+    record = {"seeds": [0, 1], "machine": "x86_64 CPU", "runs": {"a": {"points": [{"step": 5, "dev_acc": 0.4}]},
+                                                                  "a1": {"points": [{"step": 5, "dev_acc": 0.3}]}}}
+    fig = plot_recorded_curve(record, {"p": {"acc": (["a", "a1"], "acc", None)}}, split="dev")
+    first, second = fig.axes[0].get_lines()
+    assert first.get_label() == "acc" and second.get_label().startswith("_") and second.get_alpha() < 1
+    assert first.get_color() == second.get_color() and list(second.get_ydata()) == [30.0]
+    assert "seeds 0, 1" in fig._suptitle.get_text() and "further seed" in fig._suptitle.get_text()
     gates = [{"step": s, "attn 0": 0.0, "ff 0": 0.01 * s, "attn 10": -0.02 * s, "ff 10": 0.0} for s in (1, 2, 3)]
     ax = plot_gate_curve(gates)
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
@@ -84,3 +92,39 @@ def test_shipped_recorded_runs_name_their_command_and_machine():
         record = recipes.recorded_run(path.stem)
         assert record["command"].startswith("python benchmarks/") and record["machine"] and record["runs"], path
         assert all(run["points"] for run in record["runs"].values()), path
+
+
+def test_save_record_keeps_each_runs_machine_when_appending(tmp_path, monkeypatch):
+    """A record built over two invocations on two machines names both, and each run its own (benchmarks/sweep.py)."""
+    import json
+    import sys
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sweep
+    from vlmcourse.train import TrainResult
+
+    @dataclass
+    class Run:
+        seed: int
+        steps: int = 2
+
+    result = TrainResult(history=[{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}], evals=[{"step": 1, "acc": 0.5}],
+                         seconds=4.0)
+    monkeypatch.setenv("VLMCOURSE_BF16", "0")
+    assert sweep.machine().endswith("threads, float32")       # the precision training will use here
+    path = tmp_path / "record.json"
+    monkeypatch.setattr(sys, "argv", ["vqa_designs.py", "--seeds", "0"])
+    monkeypatch.setattr(sweep, "machine", lambda: "machine A")
+    sweep.save_record(path, "what", {"a, seed 0": (Run(0), result, {"acc": 0.5})})
+    monkeypatch.setattr(sys, "argv", ["vqa_designs.py", "--seeds", "1"])
+    monkeypatch.setattr(sweep, "machine", lambda: "machine B")
+    sweep.save_record(path, "what", {"a, seed 1": (Run(1), result, {"acc": 0.6})}, append=True)
+    record = json.loads(path.read_text())
+    assert record["seeds"] == [0, 1] and record["machine"] == "machine A / machine B"
+    assert {name: run["machine"] for name, run in record["runs"].items()} == {"a, seed 0": "machine A",
+                                                                                "a, seed 1": "machine B"}
+    assert record["command"].splitlines() == ["python benchmarks/vqa_designs.py --seeds 0",
+                                              "python benchmarks/vqa_designs.py --seeds 1"]
+    assert record["runs"]["a, seed 1"]["points"] == [{"step": 2, "acc": 0.5}] and record["runs"]["a, seed 1"]["seconds_per_step"] == 2.0

@@ -147,3 +147,21 @@ def test_bf16_autocast_is_accelerates_and_switches_within_one_process():
     assert sum(losses[-5:]) < 0.3 * sum(losses[:5])
     dtypes, evals, _ = run(False, 3)
     assert dtypes == {torch.float32} and evals == [torch.float32]
+
+
+def test_bf16_env_switch_forces_float32(monkeypatch):
+    """$VLMCOURSE_BF16=0: no bf16 autocast even where the hardware has it (a CPU with AVX-512 bf16 then trains in
+    float32, as the course's reference machine does); unset, the hardware decides."""
+    from vlmcourse.train import BF16_ENV, bf16_supported
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.delenv(BF16_ENV, raising=False)
+    assert bf16_supported("cpu")
+    for off in ("0", "false", "No"):
+        monkeypatch.setenv(BF16_ENV, off)
+        assert not bf16_supported("cpu")
+    dtypes = []
+    model = model_fn()
+    model[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    train(model, batch_fn, loss_fn, config(steps=2, bf16=None))       # None: ask bf16_supported
+    assert dtypes == [torch.float32, torch.float32]

@@ -563,16 +563,19 @@ def plot_recorded_curve(record: dict, panels: dict[str, dict[str, tuple[str, flo
                         mark_step: int | None = None, mark_label: str = "this notebook's run"):
     """A recorded run's figures (``recipes.recorded_run``) on ``split`` against the training step, in %: one panel
     per entry of ``panels``, {title: {label: (run name, key in its points, target)}}, each target dashed in its
-    line's colour; a grey line at ``mark_step`` (the steps the notebook itself trains)."""
+    line's colour; a grey line at ``mark_step`` (the steps the notebook itself trains). A run name may be a list
+    (one run per seed): the first is drawn as usual, the others fainter in the same colour."""
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     last = max(p["step"] for run in record["runs"].values() for p in run["points"])
     for ax, (title, series) in zip(axes[0], panels.items()):
-        for color, (label, (run, key, target)) in zip(colors, series.items()):
-            points = record["runs"][run]["points"]
-            # a point keeps a split's figures under the split's name, as "<split>_<key>", or (one split) as "<key>"
-            values = [100 * (p[split][key] if split in p else p.get(f"{split}_{key}", p.get(key))) for p in points]
-            ax.plot([p["step"] for p in points], values, "-o", color=color, lw=2, ms=5, label=label)
+        for color, (label, (runs, key, target)) in zip(colors, series.items()):
+            for k, run in enumerate([runs] if isinstance(runs, str) else runs):
+                points = record["runs"][run]["points"]
+                # a point keeps a split's figures under the split's name, as "<split>_<key>", or (one split) "<key>"
+                values = [100 * (p[split][key] if split in p else p.get(f"{split}_{key}", p.get(key))) for p in points]
+                ax.plot([p["step"] for p in points], values, "-o", color=color, lw=2 if k == 0 else 1.2,
+                        ms=5 if k == 0 else 3, alpha=1 if k == 0 else 0.45, label=None if k else label)
             if target is not None:
                 ax.axhline(100 * target, color=color, ls="--", lw=1.2)
         if mark_step:
@@ -583,8 +586,10 @@ def plot_recorded_curve(record: dict, panels: dict[str, dict[str, tuple[str, flo
         ax.legend(fontsize=10, loc="best")
     seeds = ", ".join(map(str, record["seeds"]))
     targets = any(target is not None for series in panels.values() for (_, _, target) in series.values())
-    fig.suptitle(f"Recorded runs, seed {seeds} ({record['machine']})" + ("; dashed: the targets" if targets else ""),
-                 fontsize=11)
+    more = any(not isinstance(runs, str) and len(runs) > 1 for series in panels.values() for runs, _, _ in series.values())
+    title = (f"Recorded runs, seed{'s' * (len(record['seeds']) > 1)} {seeds} ({record['machine']})"
+             + ("; fainter: a further seed" if more else "") + ("; dashed: the targets" if targets else ""))
+    fig.suptitle(textwrap.fill(title, 60 * len(panels) + 40), fontsize=11)   # two machines make a long title
     fig.tight_layout()
     return fig
 

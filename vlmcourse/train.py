@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +59,14 @@ class TrainResult:
         return [row[name] for row in getattr(self, rows) if name in row]
 
 
+BF16_ENV = "VLMCOURSE_BF16"
+
+
 def bf16_supported(device: torch.device | str) -> bool:
+    """Whether training autocasts to bf16 on ``device``: where the hardware has it, unless $VLMCOURSE_BF16 is 0
+    (float32 everywhere: the course's numbers come from CPUs without bf16, and a CPU with it trains otherwise)."""
+    if os.environ.get(BF16_ENV, "").strip().lower() in {"0", "false", "no"}:
+        return False
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
