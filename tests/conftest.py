@@ -17,6 +17,16 @@ def make_photo(path: Path, seed: int, size=(80, 60), mode="RGB"):
     image.save(path, format="PNG" if mode in ("RGBA", "P", "LA") else "JPEG")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def float32_training():
+    """Training tests assert thresholds measured in float32 (the course's reference CPUs have no bf16): on a CPU or
+    GPU with bf16, train there in float32 too, unless a test asks for bf16 itself (TrainConfig(bf16=True)).
+    Session-wide, so that module fixtures that train (test_shapes.py's models) see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLMCOURSE_BF16", "0")
+        yield
+
+
 @pytest.fixture
 def flickr_dir(tmp_path):
     """A Flickr8k folder in all three layouts: 8 train, 2 dev, 2 test images, 5 captions each."""
