@@ -127,4 +127,5 @@ def test_save_record_keeps_each_runs_machine_when_appending(tmp_path, monkeypatc
                                                                                 "a, seed 1": "machine B"}
     assert record["command"].splitlines() == ["python benchmarks/vqa_designs.py --seeds 0",
                                               "python benchmarks/vqa_designs.py --seeds 1"]
-    assert record["runs"]["a, seed 1"]["points"] == [{"step": 2, "acc": 0.5}] and record["runs"]["a, seed 1"]["seconds_per_step"] == 2.0
+    second = record["runs"]["a, seed 1"]
+    assert second["points"] == [{"step": 2, "acc": 0.5}] and second["seconds_per_step"] == 2.0
