@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,7 +101,6 @@ def test_save_record_keeps_each_runs_machine_when_appending(tmp_path, monkeypatc
     import json
     import sys
     from dataclasses import dataclass
-    from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sweep
@@ -129,3 +130,23 @@ def test_save_record_keeps_each_runs_machine_when_appending(tmp_path, monkeypatc
                                               "python benchmarks/vqa_designs.py --seeds 1"]
     second = record["runs"]["a, seed 1"]
     assert second["points"] == [{"step": 2, "acc": 0.5}] and second["seconds_per_step"] == 2.0
+
+
+def test_notebook_suite_adds_up_each_notebook_and_cell_from_pytest_durations(monkeypatch):
+    """benchmarks/notebook_suite.py: per notebook and per cell, setup, call and teardown added up; other tests' lines
+    and pytest's own lines ignored."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from notebook_suite import durations
+
+    out = """============ slowest durations ============
+300.50s call     notebooks/04_stage1_losses.ipynb::Cell 12
+12.40s call     notebooks/06_lora_captioning.ipynb::Cell 3
+1.20s setup    notebooks/04_stage1_losses.ipynb::Cell 0
+0.60s call     notebooks/04_stage1_losses.ipynb::Cell 12
+9.00s call     tests/test_shapes.py::test_itc_learns
+(20 durations < 0.005s hidden.  Use -vv to show these durations.)
+3 passed in 315.00s"""
+    per_notebook, per_cell = durations(out)
+    assert per_notebook == {"04_stage1_losses": 302, "06_lora_captioning": 12}
+    assert per_cell == {"04_stage1_losses::Cell 12": 301, "06_lora_captioning::Cell 3": 12,
+                        "04_stage1_losses::Cell 0": 1}
