@@ -19,7 +19,7 @@ def make_photo(path: Path, seed: int, size=(80, 60), mode="RGB"):
 
 @pytest.fixture(autouse=True, scope="session")
 def float32_training():
-    """Training tests assert thresholds measured in float32 (the course's reference CPUs have no bf16): on a CPU or
+    """Training tests assert thresholds measured in float32 (on CPUs without bf16; CI's has it): on a CPU or
     GPU with bf16, train there in float32 too, unless a test asks for bf16 itself (TrainConfig(bf16=True)).
     Session-wide, so that module fixtures that train (test_shapes.py's models) see it too."""
     with pytest.MonkeyPatch.context() as patch:

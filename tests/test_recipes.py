@@ -10,6 +10,12 @@ from vlmcourse.stage1 import Stage1Config
 
 
 @pytest.fixture
+def benchmarks_importable(monkeypatch):
+    """The scripts of benchmarks/ importable as modules (sweep, notebook_suite), for one test."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.fixture
 def tiny_world(flickr_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("VLMCOURSE_DATA", str(flickr_dir))
     monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path / "cache"))
@@ -96,13 +102,12 @@ def test_shipped_recorded_runs_name_their_command_and_machine():
         assert all(run["points"] for run in record["runs"].values()), path
 
 
-def test_save_record_keeps_each_runs_machine_when_appending(tmp_path, monkeypatch):
+def test_save_record_keeps_each_runs_machine_when_appending(tmp_path, monkeypatch, benchmarks_importable):
     """A record built over two invocations on two machines names both, and each run its own (benchmarks/sweep.py)."""
     import json
     import sys
     from dataclasses import dataclass
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sweep
     from vlmcourse.train import TrainResult
 
@@ -132,10 +137,9 @@ def test_save_record_keeps_each_runs_machine_when_appending(tmp_path, monkeypatc
     assert second["points"] == [{"step": 2, "acc": 0.5}] and second["seconds_per_step"] == 2.0
 
 
-def test_notebook_suite_adds_up_each_notebook_and_cell_from_pytest_durations(monkeypatch):
+def test_notebook_suite_adds_up_each_notebook_and_cell_from_pytest_durations(benchmarks_importable):
     """benchmarks/notebook_suite.py: per notebook and per cell, setup, call and teardown added up; other tests' lines
     and pytest's own lines ignored."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from notebook_suite import durations
 
     out = """============ slowest durations ============
