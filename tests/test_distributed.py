@@ -106,10 +106,12 @@ def test_one_process_stage1_is_bit_for_bit_the_plain_computation():
     itc, sim = L.itc_loss(image_feats, text_feats, ref.logit_scale, IDS, max_logit_scale=ref.config.max_logit_scale)
     neg_text, neg_image = L.sample_hard_negatives(sim, L.positives(IDS), torch.Generator().manual_seed(3))
     idx = torch.arange(4)
-    img = image_embeds.index_select(0, torch.cat([idx, idx, neg_image[idx]]))
+    rows = torch.cat([idx, idx, neg_image[idx]])       # ITM's photos: their keys and values from the ITC pass
+    image_kv = tuple((k.index_select(0, rows), v.index_select(0, rows)) for k, v in both.cross_key_values)
     ids = torch.cat([input_ids[idx], input_ids[neg_text[idx]], input_ids[idx]])
     att = torch.cat([attention_mask[idx], attention_mask[neg_text[idx]], attention_mask[idx]])
-    itm, _ = L.itm_loss(ref.itm_logits(img, ids, att), 4)
+    out_itm = ref.qformer(input_ids=ids, attention_mask=att, mask_type="itm", image_key_values=image_kv)
+    itm, _ = L.itm_loss(ref.itm_head(out_itm.query_output.mean(dim=1)), 4)
     decoder_ids, labels = L.itg_inputs(input_ids, attention_mask, ref.bos_id)
     gen = ref.qformer(input_ids=decoder_ids, attention_mask=attention_mask, past_key_values=both.past_key_values,
                       mask_type="itg")

@@ -6,7 +6,7 @@ import torch
 from vlmcourse import features
 from vlmcourse.backbones import load_vision_encoder
 from vlmcourse.data import Flickr8k
-from vlmcourse.features import cache_features, compute_features, feature_key
+from vlmcourse.features import cache_features, cache_frozen_outputs, compute_features, feature_key
 
 
 @pytest.fixture
@@ -65,3 +65,53 @@ def test_corrupt_image_is_skipped_and_ids_stay_aligned(flickr_dir, cache):
     with torch.no_grad():
         direct = vision(ds[3]["pixel_values"][None]).last_hidden_state[0].half().cpu()
     assert torch.allclose(feats.features[feats.image_ids.index("1003_abc.jpg")], direct, atol=1e-3)
+
+
+def test_frozen_outputs_are_computed_once_per_weights_and_inputs(cache):
+    """Several models trained on one frozen connector (notebook 06) compute its outputs once: a module with the
+    same weights, given the same inputs, reads them from disk; other weights or inputs compute again; a damaged
+    file is reported, removed and recomputed."""
+    calls = []
+
+    def outputs_of(module):
+        def fn(x):
+            calls.append(len(x))
+            with torch.no_grad():
+                return module(x)
+        return fn
+
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(4, 3), torch.randn(5, 2, 4)
+    first = cache_frozen_outputs(layer, outputs_of(layer), x, "connector-float32")
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(layer.state_dict())          # another object, the same weights
+    assert torch.equal(cache_frozen_outputs(twin, outputs_of(twin), x, "connector-float32"), first)
+    assert calls == [5]
+    with torch.no_grad():
+        twin.bias.add_(1.0)
+    moved = cache_frozen_outputs(twin, outputs_of(twin), x, "connector-float32")
+    assert calls == [5, 5] and torch.allclose(moved, first + 1.0)
+    cache_frozen_outputs(layer, outputs_of(layer), x[:3], "connector-float32")
+    assert calls == [5, 5, 3]
+    files = sorted((cache / "features").glob("connector-float32_5_*.safetensors"))
+    assert len(files) == 2
+    for f in files:
+        f.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="damaged output cache.*removed and recomputed"):
+        again = cache_frozen_outputs(layer, outputs_of(layer), x, "connector-float32")
+    assert torch.equal(again, first) and calls == [5, 5, 3, 5]
+
+
+def test_caption_features_are_each_captions_own_whatever_the_batching():
+    """encode_captions batches captions of similar length (less padding): each row is still its own caption's
+    mean-pooled features, in the order given."""
+    from vlmcourse.backbones import load_text_encoder
+    from vlmcourse.features import encode_captions
+
+    text = load_text_encoder("tiny")
+    captions = [["a dog", "a black dog runs across the wet grass after a red ball"],
+                ["two men play chess in a park on a sunny day", "snow"], ["a cat", "children on a slide"]]
+    batched = encode_captions(text, captions, batch_size=4, progress=False)
+    alone = torch.stack([encode_captions(text, [[c]], batch_size=1, progress=False)[0, 0]
+                         for caps in captions for c in caps]).view(3, 2, -1)
+    assert batched.shape == alone.shape and torch.allclose(batched, alone, atol=1e-5)

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vlmcourse"
 LAYERS = [
     {"utils", "profiles", "metrics", "distributed", "data", "shapes", "instruct"},
     {"backbones", "features"},
-    {"patches", "vit", "clip", "masks", "qformer", "adapter", "reference", "losses", "train", "stage1", "connectors",
+    {"patches", "vit", "clip", "masks", "qformer_inputs", "qformer", "adapter", "reference", "losses", "train", "stage1", "connectors",
      "stage2", "flamingo", "llava", "instructblip", "vqa", "probe"},
     {"recipes"},
     {"lora"},

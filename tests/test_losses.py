@@ -278,3 +278,31 @@ def test_itm_gathers_hard_negative_photos_without_racing_gradient_adds(text, mon
     ops = backward_ops(model(torch.randn(4, 9, 24), ["a dog", "a cat runs", "two men", "snow"])["loss"])
     assert "IndexSelectBackward0" in ops
     assert "IndexBackward0" not in ops
+
+
+def test_itm_reading_the_itc_pass_photos_equals_projecting_them_again(text, monkeypatch):
+    """The ITM pass takes its photos' cross-attention keys and values from the ITC pass (Stage1Model.forward):
+    the loss and every gradient equal an ITM pass that projects the picked photos again (``itm_logits``)."""
+    def fixed(sim_i2t, is_positive, generator=None, random_fraction=0.0):
+        return torch.tensor([2, 3, 0, 0]), torch.tensor([1, 1, 3, 0])      # texts, photos
+
+    monkeypatch.setattr(L, "sample_hard_negatives", fixed)
+    photos, captions = torch.randn(4, 9, 24), ["a dog", "a cat runs on the grass", "two men", "snow"]
+
+    def grads(loss_fn):
+        model = tiny_model(text, losses=("itm",))
+        loss_fn(model).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def projected_again(model):
+        embeds = model.image_adapter(photos)
+        ids, att = model.tokenize(captions)
+        idx, neg_text, neg_image = torch.arange(4), torch.tensor([2, 3, 0, 0]), torch.tensor([1, 1, 3, 0])
+        logits = model.itm_logits(embeds.index_select(0, torch.cat([idx, idx, neg_image])),
+                                  torch.cat([ids, ids[neg_text], ids]), torch.cat([att, att[neg_text], att]))
+        return L.itm_loss(logits, 4)[0]
+
+    got, expected = grads(lambda m: m(photos, captions)["loss"]), grads(projected_again)
+    assert got.keys() == expected.keys() and "image_adapter.position" in got
+    for name in got:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name

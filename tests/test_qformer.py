@@ -154,6 +154,52 @@ def test_cached_queries_only_under_the_itg_mask():
         model(input_ids=ids[:1], attention_mask=mask[:1], mask_type="itg", past_key_values=past)
 
 
+def test_padding_changes_no_real_position_though_its_ffn_is_skipped():
+    """The text FFN runs on real tokens only: every real position's output is what the caption gives alone,
+    unpadded (where every token is real and the FFN runs everywhere), under each mask."""
+    model, (image, ids, mask) = tiny_qformer(), inputs()
+    for mask_type in ("itc", "itm", "itg"):
+        padded = model(image, ids, mask, mask_type=mask_type).last_hidden_state
+        for i in range(2):
+            n = int(mask[i].sum())
+            alone = model(image[i:i + 1], ids[i:i + 1, :n], mask[i:i + 1, :n], mask_type=mask_type)
+            assert torch.allclose(padded[i, :Q + n], alone.last_hidden_state[0], atol=1e-5), (mask_type, i)
+
+
+def test_image_keys_and_values_from_an_earlier_pass_equal_projecting_the_image_again():
+    """Stage 1's ITM pass reads its photos' keys and values from the ITC pass (rows picked, a photo twice or not
+    at all): outputs and every gradient equal projecting the picked photos again."""
+    image, ids, mask = inputs(batch=3)
+    rows = torch.tensor([0, 2, 2])
+
+    def run(from_cache):
+        model = tiny_qformer()
+        if from_cache:
+            kv = model(image, ids, mask, mask_type="itc", use_cache=True).cross_key_values
+            assert len(kv) == len(model.config.cross_attention_layers) and kv[0][0].shape == (3, 4, N, 8)
+            kv = tuple((k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv)
+            out = model(input_ids=ids, attention_mask=mask, mask_type="itm", image_key_values=kv)
+        else:
+            out = model(image.index_select(0, rows), ids, mask, mask_type="itm")
+        out.query_output.sum().backward()
+        return out.last_hidden_state, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (cached, grads), (again, expected) = run(True), run(False)
+    real = torch.cat([torch.ones(3, Q, dtype=torch.bool), mask.bool()], 1)
+    assert torch.allclose(cached[real], again[real], atol=1e-5)
+    assert grads.keys() == expected.keys() and "layers.0.cross_attn.key.weight" in grads
+    for name in grads:
+        assert torch.allclose(grads[name], expected[name], atol=1e-5), name
+    model = tiny_qformer()
+    kv = model(image, use_cache=True).cross_key_values
+    with pytest.raises(ValueError, match="no image_embeds"):
+        model(image, ids, mask, image_key_values=kv)
+    with pytest.raises(ValueError, match="one \\(keys, values\\) per cross-attention layer"):
+        model(input_ids=ids, attention_mask=mask, image_key_values=kv[:1])
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model(input_ids=ids[:2], attention_mask=mask[:2], image_key_values=kv)
+
+
 @torch.no_grad()
 def test_cross_attention_every_other_layer():
     model = tiny_qformer(num_hidden_layers=5)
@@ -268,7 +314,9 @@ def test_matches_hf_blip2_qformer(attn_implementation):
                 attention_mask=torch.cat([torch.ones(2, 8, dtype=torch.long), mask], 1),
                 encoder_hidden_states=image, output_attentions=eager)
     mine = ours(image, ids, mask, mask_type="itm", output_attentions=eager)
-    assert torch.allclose(mine.last_hidden_state, theirs.last_hidden_state, atol=1e-5)
+    # the queries and the real text tokens: our padding positions skip the FFN (no mask lets anything read them)
+    real = torch.cat([torch.ones(2, 8, dtype=torch.bool), mask.bool()], 1)
+    assert torch.allclose(mine.last_hidden_state[real], theirs.last_hidden_state[real], atol=1e-5)
     if not eager:
         # HF's SDPA path also takes a ready-made 4-D boolean mask: the ITC and ITG
         # masks then give HF's model our outputs too (same maths, same masks).
@@ -276,14 +324,14 @@ def test_matches_hf_blip2_qformer(attn_implementation):
             theirs = hf(query_embeds=torch.cat([queries.expand(2, -1, -1), text], 1), query_length=8,
                         attention_mask=self_attention_mask(mask_type, 8, mask)[:, None], encoder_hidden_states=image)
             mine = ours(image, ids, mask, mask_type=mask_type)
-            assert torch.allclose(mine.last_hidden_state, theirs.last_hidden_state, atol=1e-5), mask_type
+            assert torch.allclose(mine.last_hidden_state[real], theirs.last_hidden_state[real], atol=1e-5), mask_type
     else:
         # HF's `attentions` also records the cross-attention maps (its recorder
         # matches ".attention" inside ".crossattention"): keep the (Q+T)-wide ones.
         hf_self = [a for a in theirs.attentions if a.shape[-1] == 8 + T]
         assert len(hf_self) == len(mine.attentions) == 4
-        for a, b in zip(mine.attentions, hf_self):
-            assert torch.allclose(a, b, atol=1e-5)
+        for a, b in zip(mine.attentions, hf_self):    # (B, heads, Q+T, Q+T): the rows of real positions
+            assert torch.allclose(a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5)
         for a, b in zip(mine.cross_attentions, theirs.cross_attentions):
             assert torch.allclose(a, b, atol=1e-5)
 
@@ -321,10 +369,11 @@ def test_from_bert_text_path_is_bert():
     model = qformer_from_bert(bert, num_query_tokens=Q, encoder_hidden_size=D).eval()
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 3
     image, ids, mask = inputs()
-    expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert torch.allclose(model(None, ids, mask).text_output, expected, atol=1e-5)
+    real = mask.bool()            # padding positions skip the FFN: no mask lets anything read them
+    expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+    assert torch.allclose(model(None, ids, mask).text_output[real], expected, atol=1e-5)
     # Under ITC the text is a separate stream: the queries and the image change nothing.
-    assert torch.allclose(model(image, ids, mask, mask_type="itc").text_output, expected, atol=1e-5)
+    assert torch.allclose(model(image, ids, mask, mask_type="itc").text_output[real], expected, atol=1e-5)
     # The query FFN starts as a copy of BERT's; cross-attention is new, BERT-initialised.
     for ours, theirs in zip(model.layers, bert.encoder.layer):
         assert torch.equal(ours.ffn_query.fc1.weight, theirs.intermediate.dense.weight)
@@ -339,7 +388,8 @@ def test_from_bert_masked_lm_copies_the_head():
     model = qformer_from_bert(bert, num_query_tokens=Q, encoder_hidden_size=D).eval()
     _, ids, mask = inputs()
     logits = model.lm_head(model(None, ids, mask).text_output)
-    assert torch.allclose(logits, bert(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    real = mask.bool()
+    assert torch.allclose(logits[real], bert(input_ids=ids, attention_mask=mask).logits[real], atol=1e-4)
 
 
 @torch.no_grad()

@@ -326,3 +326,22 @@ def test_swapped_captions_are_read_off_and_match_real_generation(llm):
     assert swapped_image_captions(model, x, shift=2, max_new_tokens=5) == swapped     # own captions generated
     with pytest.raises(ValueError, match="5 photos but 4 own captions"):
         swapped_image_captions(model, x, own[:4])
+
+
+def test_swapped_report_is_the_report_of_regenerating_from_rolled_soft_prompts(llm):
+    from vlmcourse.evaluate import evaluate_captions, swapped_report
+
+    torch.manual_seed(0)
+    model = SoftPromptCaptioner(LinearConnector(16), 32, llm, BridgeConfig(prompt="")).eval()
+    x = torch.randn(5, 16, 32, generator=torch.Generator().manual_seed(0))
+    refs = [[f"a photo of thing {i}", "something else"] for i in range(5)]
+    own = evaluate_captions(model, refs, x, max_new_tokens=5)
+    with torch.no_grad():
+        regenerated = evaluate_captions(model, refs, soft_prompts=model.soft_prompts(x).roll(1, 0), max_new_tokens=5)
+    read_off = swapped_report(own, refs)
+    assert read_off["captions"] == regenerated["captions"] != own["captions"]
+    for key in ("distinct", "empty", "BLEU-4", "CIDEr-D"):
+        assert read_off[key] == regenerated[key], key
+    assert read_off["P(EOS) first"] == pytest.approx(regenerated["P(EOS) first"], abs=1e-6)
+    with pytest.raises(ValueError, match="5 captions but 4 reference lists"):
+        swapped_report(own, refs[:4])

@@ -109,6 +109,18 @@ def swapped_image_captions(model: SoftPromptCaptioner, image_embeds: torch.Tenso
     return {"captions": swapped, "changed": changed}
 
 
+def swapped_report(report: dict, references: list[list[str]], shift: int = 1) -> dict:
+    """``evaluate_captions``'s report for the soft prompts rolled by ``shift`` (photo i reads photo i - ``shift``'s,
+    as ``soft_prompts.roll(shift, 0)`` gives), read off the own-photo ``report`` instead of generated again, as in
+    ``swapped_image_captions``: the captions are the own ones rolled, scored against ``references``; their variety
+    and the mean P(EOS) of the first step do not change with the order."""
+    n = len(report["captions"])
+    if n != len(references):
+        raise ValueError(f"{n} captions but {len(references)} reference lists")
+    captions = [report["captions"][(i - shift) % n] for i in range(n)]
+    return {**report, "captions": captions, **caption_metrics(captions, references)}
+
+
 def consensus_captions(captions: list[list[str]]) -> list[str]:
     """For each photo, the caption its other captions agree with most: the highest CIDEr-D against the
     photo's other references (leave-one-out; the IDF comes from all the photos given)."""

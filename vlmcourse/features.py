@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from .backbones import load_vision_encoder
 from .data import collate, load_flickr8k
+from .distributed import is_main_process
 from .profiles import Profile
 from .utils import cache_dir, in_batches, progress_bar
 
@@ -181,7 +182,12 @@ def encode_captions(
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu()
 
-    pooled = in_batches(mean_pool, flat, batch_size=batch_size, progress=progress, desc="encode captions")
+    # batches of captions of similar length carry little padding (about half of a random batch's tokens)
+    order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+    in_order = in_batches(mean_pool, [flat[i] for i in order], batch_size=batch_size, progress=progress,
+                          desc="encode captions")
+    pooled = torch.empty_like(in_order)
+    pooled[torch.tensor(order, dtype=torch.long)] = in_order
     return pooled.view(len(captions), c, -1)
 
 
@@ -207,6 +213,33 @@ def cache_caption_features(text_encoder, dataset, image_ids: Sequence[str] | Non
     features = encode_captions(text_encoder, captions)
     _save_atomic({"captions": features.contiguous()}, path)
     return features
+
+
+def cache_frozen_outputs(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+                         kind: str) -> torch.Tensor:
+    """``fn(inputs)`` for a frozen ``module`` (e.g. a frozen connector's outputs for a split), kept on disk as the
+    features are, keyed by the module's weights and the inputs' bytes: several models trained on one frozen
+    Q-Former compute its outputs once (notebook 06 trains four). A damaged file is reported, removed, recomputed."""
+    digest = hashlib.sha1(checksum(inputs).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    path = cache_dir("features") / f"{kind}_{len(inputs)}_{digest.hexdigest()[:12]}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                outputs, meta = f.get_tensor("outputs"), f.metadata() or {}
+            if meta.get("sha1") == checksum(outputs) and len(outputs) == len(inputs):
+                return outputs
+            problem = "its checksum or row count does not match"
+        except Exception as error:      # whatever the damage, the file is useless
+            problem = f"cannot be read: {error}"
+        warnings.warn(f"damaged output cache {path} ({problem}): removed and recomputed", stacklevel=2)
+        path.unlink(missing_ok=True)
+    outputs = fn(inputs)
+    if is_main_process():               # several processes compute the same outputs: one writes them
+        _save_atomic({"outputs": outputs.contiguous()}, path, metadata={"sha1": checksum(outputs)})
+    return outputs
 
 
 def split_features(profile: Profile, split: str, vision=None, root=None):

@@ -19,7 +19,7 @@ from typing import Callable
 from .backbones import load_llm, load_text_encoder, load_vision_encoder
 from .connectors import LinearConnector, MeanPoolConnector, PrecomputedConnector, QFormerConnector
 from .evaluate import mean_caption_loss
-from .features import captions_for, split_features
+from .features import cache_frozen_outputs, captions_for, split_features
 from .instruct import instruction_pairs
 from .llava import llava_connector
 from .lora import LoRACaptioner
@@ -128,13 +128,16 @@ def fit_captioner(captioner, profile: Profile, recipe: Stage2Recipe, eval_split:
     train_x, swap, connector = train_feats.features, nullcontext(), captioner.connector
     frozen = not any(p.requires_grad for p in connector.parameters())
     if frozen:
-        # A frozen connector gives each photo the same outputs at every step: compute them once.
-        train_x = captioner.connector_outputs(train_x)
+        # A frozen connector gives each photo the same outputs at every step: compute them once (and keep them:
+        # the next model trained on the same frozen connector reads them from disk).
+        kind = f"connector-{str(captioner.proj.weight.dtype).removeprefix('torch.')}"   # computed in this dtype
+        train_x = cache_frozen_outputs(connector, captioner.connector_outputs, train_x, kind)
         swap = captioner.using_connector(PrecomputedConnector(*train_x.shape[1:]))
     eval_fn = None
     if eval_split is not None:
         eval_feats, eval_ds = split_features(profile, eval_split, vision)
-        eval_x = captioner.connector_outputs(eval_feats.features) if frozen else eval_feats.features
+        eval_x = (cache_frozen_outputs(connector, captioner.connector_outputs, eval_feats.features, kind)
+                  if frozen else eval_feats.features)
         # The first caption of each photo: a fifth of the cost of all five, and the same ones every evaluation.
         eval_captions = [caps[0] for caps in captions_for(eval_feats, eval_ds)]
 

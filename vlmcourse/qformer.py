@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masks import MASK_TYPES, self_attention_mask
+from .qformer_inputs import check_image_key_values, check_inputs, check_past
 
 __all__ = ["MASK_TYPES", "QFormerConfig", "QFormerOutput", "self_attention_mask", "Attention", "FeedForward",
            "QFormerEmbeddings", "QFormerLayer", "QFormerLMHead", "QFormer"]
@@ -96,6 +97,7 @@ class QFormerOutput:
     attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, heads, Q+T, Q+T)
     cross_attentions: tuple[torch.Tensor, ...] | None = None  # per cross layer (B, heads, Q, N)
     past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # per layer, the queries' (K, V)
+    cross_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # per cross layer, the image's
 
 
 # --------------------------------------------------------------------------- masks (masks.py)
@@ -139,13 +141,15 @@ class Attention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, heads, L, head_size)
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_size).transpose(1, 2)
 
-    def forward(self, x, context=None, mask=None, output_attentions=False, past_key_value=None):
+    def forward(self, x, context=None, mask=None, output_attentions=False, past_key_value=None, context_kv=None):
         """x (B, L, H); context (B, N, kv_size) or None (self-attention);
         mask: additive float mask broadcastable to (B, heads, L, P+N) or None;
-        past_key_value: (keys, values) of P earlier positions, (B, heads, P, head_size) each, read before x's own.
+        past_key_value: (keys, values) of P earlier positions, (B, heads, P, head_size) each, read before x's own;
+        context_kv: the context's (keys, values), already projected, in place of ``context``.
         Returns (output, probabilities or None, (keys, values) that x attended to)."""
         kv = x if context is None else context
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(kv)), self._heads(self.value(kv))
+        q = self._heads(self.query(x))
+        k, v = context_kv or (self._heads(self.key(kv)), self._heads(self.value(kv)))
         if past_key_value is not None:
             k, v = torch.cat([past_key_value[0], k], dim=2), torch.cat([past_key_value[1], v], dim=2)
         dropout_p = self.attn_dropout if self.training else 0.0
@@ -191,22 +195,29 @@ class QFormerLayer(nn.Module):
         self.ffn_query = FeedForward(config)  # queries' own copy (HF: intermediate_query/output_query)
 
     def forward(self, x, num_query_tokens, image_embeds=None, mask=None, image_mask=None, output_attentions=False,
-                past_key_value=None):
-        """Returns (x, self-attention probs, cross-attention probs, the queries' (keys, values) in this layer)."""
+                past_key_value=None, text_rows=None, image_kv=None):
+        """Returns (x, self-attention probs, cross-attention probs, the queries' (keys, values) in this layer, the
+        image's (keys, values) or None). ``text_rows``: the real text tokens' indices in the (B*T) flattened text,
+        the only ones whose FFN runs (a padding position's output is never read: every mask hides it);
+        ``image_kv``: the image's (keys, values) from an earlier pass, in place of projecting ``image_embeds``."""
         Q = num_query_tokens
         x, self_probs, (keys, values) = self.self_attn(x, mask=mask, output_attentions=output_attentions,
                                                        past_key_value=past_key_value)
         queries, text = x[:, :Q], x[:, Q:]
-        cross_probs = None
+        cross_probs = image_kv_out = None
         if Q > 0:
             if self.cross_attn is not None:
-                queries, cross_probs, _ = self.cross_attn(
-                    queries, context=image_embeds, mask=image_mask, output_attentions=output_attentions
-                )
+                queries, cross_probs, image_kv_out = self.cross_attn(
+                    queries, context=image_embeds, mask=image_mask, output_attentions=output_attentions,
+                    context_kv=image_kv)
             queries = self.ffn_query(queries)
-        if text.shape[1] > 0:
+        if text_rows is not None:   # a fifth to a half of a batch's text is padding: leave it out of the FFN
+            flat = text.flatten(0, 1)
+            text = flat.index_copy(0, text_rows, self.ffn_text(flat.index_select(0, text_rows))).view_as(text)
+        elif text.shape[1] > 0:
             text = self.ffn_text(text)
-        return torch.cat([queries, text], dim=1), self_probs, cross_probs, (keys[:, :, :Q], values[:, :, :Q])
+        return (torch.cat([queries, text], dim=1), self_probs, cross_probs, (keys[:, :, :Q], values[:, :, :Q]),
+                image_kv_out)
 
 
 class QFormerEmbeddings(nn.Module):
@@ -281,38 +292,11 @@ class QFormer(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    # ------------------------------------------------------------------ forward
-    def _check_inputs(self, image_embeds, input_ids, attention_mask, image_attention_mask, mask_type):
-        D, shape = self.config.encoder_hidden_size, (lambda t: None if t is None else tuple(t.shape))
-        if mask_type not in (*MASK_TYPES, None):
-            raise ValueError(f"mask_type must be one of {MASK_TYPES} or None, got {mask_type!r}")
-        if image_embeds is None and input_ids is None:
-            raise ValueError("give image_embeds (B, N, encoder_hidden_size), input_ids (B, T), or both")
-        if image_embeds is not None and (image_embeds.dim() != 3 or image_embeds.shape[-1] != D):
-            raise ValueError(f"image_embeds must have shape (batch, num_patches, {D}) "
-                             f"(encoder_hidden_size={D}), got {shape(image_embeds)}")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must have shape (batch, text_len), got {shape(input_ids)}")
-            if input_ids.shape[1] > self.config.max_position_embeddings:
-                raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than "
-                                 f"max_position_embeddings={self.config.max_position_embeddings}")
-            if image_embeds is not None and image_embeds.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"batch sizes differ: image_embeds {shape(image_embeds)} "
-                                 f"vs input_ids {shape(input_ids)}")
-        if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
-            raise ValueError(f"attention_mask must have the shape of input_ids {shape(input_ids)}, "
-                             f"got {shape(attention_mask)}")
-        if image_attention_mask is not None and (
-                image_embeds is None or image_attention_mask.shape != image_embeds.shape[:2]):
-            expected = None if image_embeds is None else tuple(image_embeds.shape[:2])
-            raise ValueError(f"image_attention_mask must have shape (batch, num_patches) {expected}, "
-                             f"got {shape(image_attention_mask)}")
-
+    # ------------------------------------------------------------------ forward (inputs checked in qformer_inputs.py)
     def forward(self, image_embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, image_attention_mask: torch.Tensor | None = None,
                 mask_type: str | None = "itm", output_attentions: bool = False, past_key_values: tuple | None = None,
-                use_cache: bool = False) -> QFormerOutput:
+                use_cache: bool = False, image_key_values: tuple | None = None) -> QFormerOutput:
         """Run the Q-Former.
 
         Args:
@@ -328,7 +312,10 @@ class QFormer(nn.Module):
             output_attentions: also return self- and cross-attention probabilities
                 (slower eager path instead of the fused SDPA kernel).
             use_cache: also return ``past_key_values``, the queries' keys and values in
-                every layer.
+                every layer, and ``cross_key_values``, the image's in every cross-attention layer.
+            image_key_values: those ``cross_key_values`` of an earlier pass (rows picked as
+                needed), in place of ``image_embeds``: the image is not projected again
+                (stage 1's ITM pass reads its photos from the ITC pass).
             past_key_values: those of an earlier pass, in place of ``image_embeds``: the
                 text reads the queries from them (``mask_type="itg"`` only). Under the
                 ITG mask the queries see only queries, so they would compute exactly what
@@ -336,9 +323,11 @@ class QFormer(nn.Module):
                 LAVIS reuses the ITC pass's queries this way and saves their second
                 forward and backward pass.
         """
-        self._check_inputs(image_embeds, input_ids, attention_mask, image_attention_mask, mask_type)
+        check_inputs(self.config, image_embeds, input_ids, attention_mask, image_attention_mask, mask_type)
+        if image_key_values is not None:
+            check_image_key_values(self.config, image_key_values, image_embeds, input_ids)
         if past_key_values is not None:
-            self._check_past(past_key_values, image_embeds, input_ids, mask_type)
+            check_past(self.config, past_key_values, image_embeds, input_ids, mask_type)
         dtype, device = self.query_tokens.dtype, self.query_tokens.device
         # Inputs may come from the CPU (cached features, a tokenizer): the Q-Former takes them to its device.
         input_ids, attention_mask, image_attention_mask = (
@@ -348,6 +337,8 @@ class QFormer(nn.Module):
             # Cached features are often float16; the Q-Former computes in its own dtype.
             image_embeds = image_embeds.to(device, dtype)
             queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        elif image_key_values is not None:
+            queries = self.query_tokens.expand(image_key_values[0][0].shape[0], -1, -1)
         Q = 0 if queries is None else queries.shape[1]
         P = 0 if past_key_values is None else past_key_values[0][0].shape[2]   # queries read from the cache
         x = self.embeddings(input_ids, queries)  # (B, Q+T, H)
@@ -363,15 +354,22 @@ class QFormer(nn.Module):
         image_mask = None
         if image_attention_mask is not None:
             image_mask = _additive(image_attention_mask.bool(), dtype)[:, None, None, :]  # (B, 1, 1, N)
+        text_rows = None if attention_mask is None or bool(attention_mask.all()) else \
+            attention_mask.flatten().nonzero().squeeze(1)
 
-        attentions, cross_attentions, presents = [], [], []
+        attentions, cross_attentions, presents, image_kvs = [], [], [], []
+        given_kvs = iter(image_key_values or ())
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
-            x, self_probs, cross_probs, present = layer(x, Q, image_embeds, mask, image_mask, output_attentions, past)
+            image_kv = next(given_kvs) if image_key_values is not None and layer.cross_attn is not None else None
+            x, self_probs, cross_probs, present, image_kv = layer(x, Q, image_embeds, mask, image_mask,
+                                                                  output_attentions, past, text_rows, image_kv)
             attentions.append(self_probs)
             presents.append(present)
             if cross_probs is not None:
                 cross_attentions.append(cross_probs)
+            if image_kv is not None:
+                image_kvs.append(image_kv)
 
         return QFormerOutput(
             last_hidden_state=x,
@@ -380,17 +378,5 @@ class QFormer(nn.Module):
             attentions=tuple(attentions) if output_attentions else None,
             cross_attentions=tuple(cross_attentions) if output_attentions else None,
             past_key_values=tuple(presents) if use_cache and Q else None,
+            cross_key_values=tuple(image_kvs) if use_cache and Q else None,
         )
-
-    def _check_past(self, past_key_values, image_embeds, input_ids, mask_type):
-        if image_embeds is not None or input_ids is None:
-            raise ValueError("past_key_values stand for the queries: give input_ids and no image_embeds")
-        if mask_type != "itg":
-            raise ValueError(f"past_key_values need mask_type='itg', got {mask_type!r}: only under the ITG mask "
-                             f"do the queries compute the same thing whatever the text")
-        if len(past_key_values) != self.config.num_hidden_layers:
-            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the Q-Former "
-                             f"{self.config.num_hidden_layers}")
-        if past_key_values[0][0].shape[0] != input_ids.shape[0]:
-            raise ValueError(f"batch sizes differ: past_key_values {past_key_values[0][0].shape[0]} "
-                             f"vs input_ids {tuple(input_ids.shape)}")

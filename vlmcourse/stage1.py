@@ -161,9 +161,10 @@ class Stage1Model(nn.Module):
 
         # ITC: one pass, queries and text side by side under the uni-modal mask. It keeps the queries' keys and
         # values: ITG's text reads them instead of running the queries again (their ITG mask lets them see only
-        # queries, so they would compute the same thing).
+        # queries, so they would compute the same thing). It keeps the image's too: ITM's photos are this batch's,
+        # and their projection into keys and values is the same whatever reads them.
         both = self.qformer(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask,
-                            mask_type=L.MASK_FOR_LOSS["itc"], use_cache="itg" in self.config.losses)
+                            mask_type=L.MASK_FOR_LOSS["itc"], use_cache={"itg", "itm"} & set(self.config.losses))
         image_feats = F.normalize(self.vision_proj(both.query_output), dim=-1)
         text_feats = F.normalize(self.text_proj(both.text_output[:, 0]), dim=-1)
         itc, sim_i2t = L.itc_loss(D.gather(image_feats), D.gather(text_feats), self.logit_scale, image_ids,
@@ -178,14 +179,17 @@ class Stage1Model(nn.Module):
             # this process's positives: global rows rank, rank + N, ... < m (every process drew the same negatives
             # for the whole batch, from the same generator)
             idx = torch.arange(D.rank(), m, D.world_size())
-            all_embeds = D.gather(image_embeds)
             # rows: m positives, m (image, hard-negative text), m (hard-negative image, text)
-            # index_select, not image_embeds[...]: two texts may pick the same hard-negative photo, and the
-            # backward of [] adds their gradients with racing threads on a CPU (not bit-reproducible).
-            img = all_embeds.index_select(0, torch.cat([idx, idx, neg_image[idx]]).to(all_embeds.device))
+            # index_select, not [...]: two texts may pick the same hard-negative photo, and the backward of []
+            # adds their gradients with racing threads on a CPU (not bit-reproducible).
+            rows = torch.cat([idx, idx, neg_image[idx]]).to(self.device)
+            image_kv = tuple((D.gather(k).index_select(0, rows), D.gather(v).index_select(0, rows))
+                             for k, v in both.cross_key_values)
             ids = torch.cat([all_input_ids[idx], all_input_ids[neg_text[idx]], all_input_ids[idx]])
             att = torch.cat([all_attention_mask[idx], all_attention_mask[neg_text[idx]], all_attention_mask[idx]])
-            itm, _ = L.itm_loss(self.itm_logits(img, ids, att), len(idx))
+            out_itm = self.qformer(input_ids=ids, attention_mask=att, mask_type=L.MASK_FOR_LOSS["itm"],
+                                   image_key_values=image_kv)
+            itm, _ = L.itm_loss(self.itm_head(out_itm.query_output.mean(dim=1)), len(idx))
             out["itm"] = D.global_mean(itm, 3 * len(idx))
 
         if "itg" in self.config.losses:
