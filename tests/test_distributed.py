@@ -110,8 +110,7 @@ def test_one_process_stage1_is_bit_for_bit_the_plain_computation():
     image_kv = tuple((k.index_select(0, rows), v.index_select(0, rows)) for k, v in both.cross_key_values)
     ids = torch.cat([input_ids[idx], input_ids[neg_text[idx]], input_ids[idx]])
     att = torch.cat([attention_mask[idx], attention_mask[neg_text[idx]], attention_mask[idx]])
-    out_itm = ref.qformer(input_ids=ids, attention_mask=att, mask_type="itm", image_key_values=image_kv)
-    itm, _ = L.itm_loss(ref.itm_head(out_itm.query_output.mean(dim=1)), 4)
+    itm, _ = L.itm_loss(ref.itm_logits(None, ids, att, image_key_values=image_kv), 4)
     decoder_ids, labels = L.itg_inputs(input_ids, attention_mask, ref.bos_id)
     gen = ref.qformer(input_ids=decoder_ids, attention_mask=attention_mask, past_key_values=both.past_key_values,
                       mask_type="itg")

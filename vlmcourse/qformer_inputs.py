@@ -42,6 +42,7 @@ def check_image_key_values(config, image_key_values, image_embeds, input_ids):
         raise ValueError(f"batch sizes differ: image_key_values {image_key_values[0][0].shape[0]} "
                          f"vs input_ids {tuple(input_ids.shape)}")
 
+
 def check_past(config, past_key_values, image_embeds, input_ids, mask_type):
     if image_embeds is not None or input_ids is None:
         raise ValueError("past_key_values stand for the queries: give input_ids and no image_embeds")

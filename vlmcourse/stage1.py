@@ -126,9 +126,12 @@ class Stage1Model(nn.Module):
         """(N_images, N_captions) ITC similarity (max over queries), for retrieval."""
         return L.itc_similarity(self.image_features(image_embeds), self.text_features(*self.tokenize(captions)))
 
-    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def itm_logits(self, image_embeds: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   image_key_values: tuple | None = None):
+        """(B, 2) match logits of (image, caption) pairs; the images as adapted patch tokens, or as their
+        cross-attention keys and values from an earlier pass (``image_key_values``, with ``image_embeds=None``)."""
         out = self.qformer(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask,
-                           mask_type=L.MASK_FOR_LOSS["itm"])
+                           mask_type=L.MASK_FOR_LOSS["itm"], image_key_values=image_key_values)
         return self.itm_head(out.query_output.mean(dim=1))
 
     @torch.no_grad()
@@ -164,7 +167,7 @@ class Stage1Model(nn.Module):
         # queries, so they would compute the same thing). It keeps the image's too: ITM's photos are this batch's,
         # and their projection into keys and values is the same whatever reads them.
         both = self.qformer(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask,
-                            mask_type=L.MASK_FOR_LOSS["itc"], use_cache={"itg", "itm"} & set(self.config.losses))
+                            mask_type=L.MASK_FOR_LOSS["itc"], use_cache=bool({"itg", "itm"} & set(self.config.losses)))
         image_feats = F.normalize(self.vision_proj(both.query_output), dim=-1)
         text_feats = F.normalize(self.text_proj(both.text_output[:, 0]), dim=-1)
         itc, sim_i2t = L.itc_loss(D.gather(image_feats), D.gather(text_feats), self.logit_scale, image_ids,
@@ -187,9 +190,7 @@ class Stage1Model(nn.Module):
                              for k, v in both.cross_key_values)
             ids = torch.cat([all_input_ids[idx], all_input_ids[neg_text[idx]], all_input_ids[idx]])
             att = torch.cat([all_attention_mask[idx], all_attention_mask[neg_text[idx]], all_attention_mask[idx]])
-            out_itm = self.qformer(input_ids=ids, attention_mask=att, mask_type=L.MASK_FOR_LOSS["itm"],
-                                   image_key_values=image_kv)
-            itm, _ = L.itm_loss(self.itm_head(out_itm.query_output.mean(dim=1)), len(idx))
+            itm, _ = L.itm_loss(self.itm_logits(None, ids, att, image_key_values=image_kv), len(idx))
             out["itm"] = D.global_mean(itm, 3 * len(idx))
 
         if "itg" in self.config.losses:
