@@ -88,6 +88,11 @@ def blank_image_features(vision, color: tuple[int, int, int] = (128, 128, 128)) 
     return patch_tokens(vision, [Image.new("RGB", (vision.image_size, vision.image_size), color)])
 
 
+def rolled(captions: list[str], shift: int = 1) -> list[str]:
+    """Photo i gets photo i - ``shift``'s caption: the greedy captions of soft prompts rolled by ``shift``."""
+    return [captions[(i - shift) % len(captions)] for i in range(len(captions))]
+
+
 @torch.no_grad()
 def swapped_image_captions(model: SoftPromptCaptioner, image_embeds: torch.Tensor, captions: list[str] | None = None,
                            shift: int = 1, max_new_tokens: int = 30, batch_size: int = GENERATION_BATCH) -> dict:
@@ -104,7 +109,7 @@ def swapped_image_captions(model: SoftPromptCaptioner, image_embeds: torch.Tenso
         captions = model.generate(image_embeds, max_new_tokens, batch_size=batch_size)
     if len(captions) != len(image_embeds):
         raise ValueError(f"{len(image_embeds)} photos but {len(captions)} own captions")
-    swapped = [captions[(i - shift) % len(captions)] for i in range(len(captions))]
+    swapped = rolled(captions, shift)
     changed = sum(a != b for a, b in zip(captions, swapped)) / max(1, len(captions))
     return {"captions": swapped, "changed": changed}
 
@@ -114,10 +119,9 @@ def swapped_report(report: dict, references: list[list[str]], shift: int = 1) ->
     as ``soft_prompts.roll(shift, 0)`` gives), read off the own-photo ``report`` instead of generated again, as in
     ``swapped_image_captions``: the captions are the own ones rolled, scored against ``references``; their variety
     and the mean P(EOS) of the first step do not change with the order."""
-    n = len(report["captions"])
-    if n != len(references):
-        raise ValueError(f"{n} captions but {len(references)} reference lists")
-    captions = [report["captions"][(i - shift) % n] for i in range(n)]
+    if len(report["captions"]) != len(references):
+        raise ValueError(f"{len(report['captions'])} captions but {len(references)} reference lists")
+    captions = rolled(report["captions"], shift)
     return {**report, "captions": captions, **caption_metrics(captions, references)}
 
 
