@@ -359,3 +359,35 @@ def test_ablation_chart_keeps_the_human_baseline_off_the_scale():
     assert any("human: 0.680" in t and "above the scale" in t for t in texts), texts
     assert any(t.startswith("nearest neighbour") for t in texts) and len(ax.lines) == 2   # two reference lines
     plt.close(ax.figure)
+
+
+def test_ablation_chart_draws_each_seed_on_its_bar():
+    """A row that is a mean over seeds carries its seeds' scores: one dot each, on its bar, inside the scale."""
+    import matplotlib.pyplot as plt
+
+    from vlmcourse.plots import plot_caption_ablation
+
+    rows = [{"connector": "Q-Former", "LoRA": "no", "CIDEr-D": 0.004, "CIDEr-D, blank photo": 0.002,
+             "CIDEr-D, per seed": [0.002, 0.006]},
+            {"connector": "Q-Former", "LoRA": "yes", "CIDEr-D": 0.05, "CIDEr-D, blank photo": 0.05,
+             "CIDEr-D, per seed": [0.028, 0.072]}]
+    ax = plot_caption_ablation(rows, {"constant": {"CIDEr-D": 0.11}})
+    dots = torch.cat([torch.tensor(c.get_offsets()) for c in ax.collections
+                      if c.get_label().lstrip("_").startswith("each seed")])
+    assert sorted(dots[:, 1].tolist()) == pytest.approx([0.002, 0.006, 0.028, 0.072])
+    bars = {round(p.get_x() + p.get_width() / 2, 3) for p in ax.patches}
+    assert {round(x, 3) for x in dots[:, 0].tolist()} <= bars and len(bars) == 2    # each dot on its own bar
+    assert ax.get_ylim()[1] > 0.11
+    plt.close(ax.figure)
+
+
+def test_ablation_recipe_is_a_fresh_projection_row_with_its_own_seed():
+    from vlmcourse.recipes import ABLATION_CONNECTORS, NOTEBOOK_STAGE2, ablation_recipe
+
+    row = ablation_recipe("linear", lora=True, steps=40, seed=1)
+    assert row.connector == "linear" and row.lora == LoraSettings() and row.base is None
+    assert row.stage2 == replace(NOTEBOOK_STAGE2, steps=40, seed=1)
+    assert row.stage2.stage1 == NOTEBOOK_STAGE2.stage1          # the seed is stage 2's: stage 1 stays notebook 04's
+    assert ablation_recipe("meanpool", lora=False).lora is None and len(ABLATION_CONNECTORS) == 3
+    with pytest.raises(ValueError, match="unknown connector"):
+        ablation_recipe("resampler", lora=True)

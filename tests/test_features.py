@@ -102,6 +102,22 @@ def test_frozen_outputs_are_computed_once_per_weights_and_inputs(cache):
     assert torch.equal(again, first) and calls == [5, 5, 3, 5]
 
 
+def test_frozen_outputs_of_modules_without_weights_do_not_share_a_key(cache):
+    """Mean-pooling and LLaVA's linear connector have no weights: each keeps its own outputs (16 pooled tokens, 49
+    patches), and two mean-pools of different sizes do too. Once they shared one file, and notebook 06's linear rows
+    trained on mean-pooled tokens."""
+    from vlmcourse.connectors import LinearConnector, MeanPoolConnector
+
+    x = torch.randn(3, 49, 8, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for name, module in {"meanpool 4": MeanPoolConnector((7, 7), 4), "meanpool 2": MeanPoolConnector((7, 7), 2),
+                         "linear": LinearConnector(49)}.items():
+        outputs[name] = cache_frozen_outputs(module, module, x, "connector-float32")
+        assert torch.equal(outputs[name], module(x)), name
+    assert [o.shape[1] for o in outputs.values()] == [16, 4, 49]
+    assert len(list((cache / "features").glob("connector-float32_3_*.safetensors"))) == 3
+
+
 def test_caption_features_are_each_captions_own_whatever_the_batching():
     """encode_captions batches captions of similar length (less padding): each row is still its own caption's
     mean-pooled features, in the order given."""

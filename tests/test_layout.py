@@ -11,7 +11,7 @@ LAYERS = [
     {"utils", "profiles", "metrics", "distributed", "data", "shapes", "instruct"},
     {"backbones", "features"},
     {"patches", "vit", "clip", "masks", "qformer_inputs", "qformer", "adapter", "reference", "losses", "train", "stage1", "connectors",
-     "stage2", "flamingo", "llava", "instructblip", "vqa", "probe"},
+     "generation", "stage2", "flamingo", "llava", "instructblip", "vqa", "probe"},
     {"recipes"},
     {"lora"},
     {"evaluate"},

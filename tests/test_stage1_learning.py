@@ -216,6 +216,25 @@ def test_stage1_draws_its_itm_negatives_with_the_configured_fraction(text, monke
 
 
 # ----------------------------------------------------------------------------- (d) query collapse, measured
+def test_query_use_on_constructed_queries():
+    """Two photos, two captions each. Query 0 of photo 0 leans towards photo 1's captions, query 1 points at its own:
+    the max over queries and their mean retrieve photo 0's captions, query 0 alone does not."""
+    from vlmcourse.metrics import caption_image_index
+    from vlmcourse.stage1 import query_use
+
+    e = torch.eye(4)
+    text_f = e[[0, 0, 1, 1]]                                   # captions 0, 1 of photo 0; 2, 3 of photo 1
+    image_q = torch.stack([torch.stack([0.6 * e[1] + 0.8 * e[2], e[0]]), e[[1, 1]]])
+    owner = caption_image_index([2, 2])
+    use = query_use(image_q, text_f, owner, k=1)
+    assert use["image→text R@1, max over queries (%)"] == 100.0
+    assert use["image→text R@1, mean over queries (%)"] == 100.0 and use["image→text R@1, query 0 alone (%)"] == 50.0
+    assert use["cosine of two queries of one photo"] == pytest.approx(0.5)   # photo 0 orthogonal, photo 1 identical
+    collapsed = query_use(e[[0, 1]][:, None].repeat(1, 3, 1), text_f, owner, k=1)
+    assert collapsed["cosine of two queries of one photo"] == pytest.approx(1.0)
+    assert len({v for k, v in collapsed.items() if k.startswith("image")}) == 1    # max = mean = one query
+
+
 def test_query_diversity_on_constructed_queries():
     eye = torch.eye(6)
     collapsed = query_diversity(torch.ones(2, 6, 6) + 0.001 * eye)

@@ -219,8 +219,12 @@ def cache_frozen_outputs(module: torch.nn.Module, fn: Callable[[torch.Tensor], t
                          kind: str) -> torch.Tensor:
     """``fn(inputs)`` for a frozen ``module`` (e.g. a frozen connector's outputs for a split), kept on disk as the
     features are, keyed by the module's weights and the inputs' bytes: several models trained on one frozen
-    Q-Former compute its outputs once (notebook 06 trains four). A damaged file is reported, removed, recomputed."""
+    Q-Former compute its outputs once (notebook 06 trains four). The key names the module's kind and settings too
+    (``to_config()``, else its class): modules without weights (mean-pooling, LLaVA's linear connector) would
+    otherwise share one key. A damaged file is reported, removed, recomputed."""
     digest = hashlib.sha1(checksum(inputs).encode())
+    config = module.to_config() if hasattr(module, "to_config") else {"class": type(module).__qualname__}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())

@@ -404,9 +404,10 @@ def plot_caption_ablation(rows: Sequence[dict], baselines: dict[str, dict], metr
     """Grouped bars of a captioning ablation: one group per connector, a bar without LoRA and one with it, a black
     tick for the same model shown a blank photo; the baselines (``{name: {metric: value}}``) as reference lines.
 
-    ``rows``: dicts with "connector", "LoRA" ("yes" / "no"), ``metric`` and f"{metric}, blank photo". A baseline
-    more than ``max_ratio`` times the best model (a human caption) would squash the bars, so it is named in a note
-    at the top of the axis, with its value, instead of setting the scale."""
+    ``rows``: dicts with "connector", "LoRA" ("yes" / "no"), ``metric`` and f"{metric}, blank photo"; a row that is
+    a mean over seeds also gives f"{metric}, per seed" (a list), drawn as dots on its bar. A baseline more than
+    ``max_ratio`` times the best model (a human caption) would squash the bars, so it is named in a note at the top
+    of the axis, with its value, instead of setting the scale."""
     ax = ax or plt.subplots(figsize=(12, 5))[1]
     connectors = list(dict.fromkeys(r["connector"] for r in rows))
     width, colors = 0.38, {"no": "tab:gray", "yes": "tab:blue"}
@@ -418,7 +419,11 @@ def plot_caption_ablation(rows: Sequence[dict], baselines: dict[str, dict], metr
         ax.scatter([xi for xi, r in zip(x, found) if r], [r[f"{metric}, blank photo"] for r in found if r],
                    marker="_", s=900, linewidths=2.5, color="black", zorder=3,
                    label="same model, blank photo" if k else None)
-    best = max(max(r[metric], r[f"{metric}, blank photo"]) for r in rows)
+        seeds = [(xi, v) for xi, r in zip(x, found) if r for v in r.get(f"{metric}, per seed", [])]
+        if seeds:
+            ax.scatter(*zip(*seeds), s=36, color="white", edgecolors="black", zorder=4,
+                       label="each seed (the bar: their mean)" if k else "_each seed")   # "_": once in the legend
+    best = max(max(r[metric], r[f"{metric}, blank photo"], *r.get(f"{metric}, per seed", [])) for r in rows)
     shown = {name: v[metric] for name, v in baselines.items() if v[metric] <= max_ratio * best}
     off_scale = {name: v[metric] for name, v in baselines.items() if name not in shown}
     top = 1.15 * max([best, *shown.values()])
@@ -433,7 +438,7 @@ def plot_caption_ablation(rows: Sequence[dict], baselines: dict[str, dict], metr
         top *= 1.12                                  # room for the note
     ax.set_xticks(range(len(connectors)), connectors)
     ax.set(ylim=(0, top), xlim=(-0.6, len(connectors) - 0.4), ylabel=metric, title=title)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return ax
 

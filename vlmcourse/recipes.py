@@ -261,6 +261,20 @@ class CaptionerRecipe(Recipe):
 NOTEBOOK_CAPTIONER = CaptionerRecipe(connector="qformer", lora=LoraSettings(), base=Stage2Recipe(stage1=None),
                                      stage2=replace(NOTEBOOK_STAGE2, lr=3e-4))
 
+# Notebook 06's connector ablation (section 5): each connector with the frozen LLM and with LoRA, every row from a
+# fresh projection with NOTEBOOK_STAGE2's settings; the Q-Former rows read notebook 04's stage-1 Q-Former (frozen),
+# whatever the row's seed. benchmarks/caption_ablation.py records the rows at two budgets and two seeds.
+ABLATION_CONNECTORS = ("qformer", "meanpool", "linear")
+
+
+def ablation_recipe(connector: str, lora: bool, steps: int = 12, seed: int = 0) -> CaptionerRecipe:
+    """One row of notebook 06's ablation: ``connector`` (one of ``ABLATION_CONNECTORS``), LoRA or the frozen LLM,
+    ``steps`` of 8 captions from a fresh projection, the stage-2 seed (stage 1 keeps notebook 04's)."""
+    if connector not in ABLATION_CONNECTORS:
+        raise ValueError(f"unknown connector {connector!r}: choose one of {ABLATION_CONNECTORS}")
+    return CaptionerRecipe(connector=connector, lora=LoraSettings() if lora else None,
+                           stage2=replace(NOTEBOOK_STAGE2, steps=steps, seed=seed))
+
 
 @dataclass
 class VQARecipe(Recipe):

@@ -280,6 +280,20 @@ def itc_features(model: Stage1Model, features: torch.Tensor, captions: list[list
     return image_feats.float().cpu(), text_feats.float().cpu()
 
 
+def query_use(image_q: torch.Tensor, text_f: torch.Tensor, owner: torch.Tensor, k: int = 5) -> dict[str, float]:
+    """How the ITC score uses a photo's queries (notebook 04, section 5): the mean cosine of two of its queries' ITC
+    features (1: one vector), and image->text R@``k`` (%) with the score taken as the max over queries (ITC's), their
+    mean, or query 0 alone. ``image_q``, ``text_f``: ``itc_features``; ``owner``: the photo of each caption."""
+    Q = image_q.shape[1]
+    per_query = torch.einsum("iqe,te->iqt", image_q, text_f)                      # every query against every caption
+    row = {"cosine of two queries of one photo":
+           torch.einsum("iqe,ipe->iqp", image_q, image_q)[:, ~torch.eye(Q, dtype=torch.bool)].mean().item()}
+    for how, s in {"max over queries": per_query.max(1).values, "mean over queries": per_query.mean(1),
+                   "query 0 alone": per_query[:, 0]}.items():
+        row[f"image→text R@{k}, {how} (%)"] = 100 * recall_at_k(s, owner, (k,))["image->text"][k]
+    return row
+
+
 @torch.no_grad()
 def retrieval(model: Stage1Model, features: torch.Tensor, captions: list[list[str]], ks=(1, 5, 10),
               batch_size: int = 128) -> dict:

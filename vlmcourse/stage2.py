@@ -40,7 +40,6 @@ LLM, which is loaded from the profile.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from contextlib import contextmanager
@@ -54,6 +53,7 @@ from torch import nn
 from .connectors import (LinearConnector, MeanPoolConnector, PrecomputedConnector,  # noqa: F401  (stage2's API)
                          QFormerConnector, connector_from_config)
 from .distributed import global_mean
+from .generation import cache_argument, greedy_decode
 from .utils import eval_mode, in_batches
 
 IGNORE_INDEX = -100
@@ -334,14 +334,17 @@ class SoftPromptCaptioner(nn.Module):
                 None if soft_prompts is None else soft_prompts[i], first_step_probs=first_step_probs, **kwargs),
                 rows, batch_size=batch_size)
         embeds = self.prefix_embeds(image_embeds, soft_prompts)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-        if first_step_probs is not None:
-            from transformers import LogitsProcessorList
+        if num_beams == 1 and not kwargs:      # greedy: finished rows leave the batch (generation.py)
+            out = greedy_decode(self.llm_model, embeds, max_new_tokens, self.eos_id, first_step_probs)
+        else:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+            if first_step_probs is not None:
+                from transformers import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList([_FirstStepProbs(first_step_probs)])
-        out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      num_beams=num_beams, do_sample=False, eos_token_id=self.eos_id,
-                                      pad_token_id=self.eos_id, **kwargs)
+                kwargs["logits_processor"] = LogitsProcessorList([_FirstStepProbs(first_step_probs)])
+            out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          num_beams=num_beams, do_sample=False, eos_token_id=self.eos_id,
+                                          pad_token_id=self.eos_id, **kwargs)
         return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out]
 
     # ------------------------------------------------------------------ saving
@@ -378,12 +381,6 @@ class SoftPromptCaptioner(nn.Module):
                     BridgeConfig(**config["bridge"]), freeze_llm=freeze_llm)
         load_model(model._bridge_modules(), str(path / "model.safetensors"), device=str(model.device))
         return model.eval()
-
-
-def cache_argument(decoder) -> str:
-    """The name under which this transformers version's decoder takes a KV cache: ``past_key_values``, which
-    later 5.x versions renamed ``cache``."""
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 class _FirstStepProbs:

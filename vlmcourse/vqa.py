@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .flamingo import FlamingoLM
+from .generation import cache_argument
 from .instructblip import InstructQFormerConnector
 from .instruct import chat_prompt
-from .stage2 import IGNORE_INDEX, SoftPromptCaptioner, cache_argument, text_inputs
+from .stage2 import IGNORE_INDEX, SoftPromptCaptioner, text_inputs
 from .utils import eval_mode, in_batches
 
 
