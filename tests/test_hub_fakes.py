@@ -2,7 +2,8 @@
 
 Data: the one way in (load_flickr8k) for local and hub data, the subset downloaded when no folder is found, the
 offline error. Notebooks: the CLIP zero-shot cell of 02 and the real-BLIP-2 cells of 07, extracted from the .ipynb and
-run under the fakes; a fresh clone playing Colab (google.colab faked) through 01's data cells.
+run under the fakes; a fresh clone playing Colab (google.colab faked) through 01's data cells, and through 06's setup,
+imports and save-and-caption cells.
 """
 import json
 import os
@@ -162,12 +163,18 @@ def test_notebook07_real_blip2_cells_run_under_the_fakes_in_fp16_eager(no_local_
 
 
 # ------------------------------------------------------------------ a fresh clone, the way Colab runs it
+# COLAB_DRIVER plays a Colab runtime in a subprocess: google.colab in sys.modules, vlmcourse not importable, `!`
+# commands handled by a fake shell (`!git clone` copies this working tree), the notebook's setup cell run as it is,
+# then the Hub fakes installed for the rest of the process. A stage (NOTEBOOK01_CELLS, NOTEBOOK06_CELLS) follows it
+# and runs the notebook's cells in the driver's ``namespace``.
+# argv: working tree, /content, notebook, "gpu" | "cpu" (what the setup cell sees), rows per Hub split (0: all).
 COLAB_DRIVER = r'''
 import os, shutil, subprocess, sys, types
 from pathlib import Path
 from IPython.core.inputtransformer2 import TransformerManager
 
 SOURCE, CONTENT, NOTEBOOK = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+GPU, HUB_ROWS = sys.argv[4] == "gpu", int(sys.argv[5]) or None
 import importlib.machinery
 colab = sys.modules["google.colab"] = types.ModuleType("google.colab")       # what Colab has
 colab.__spec__ = importlib.machinery.ModuleSpec("google.colab", None)
@@ -178,6 +185,10 @@ try:
     raise SystemExit(f"vlmcourse importable before the setup cell: {vlmcourse.__file__}")
 except ImportError:
     pass
+import torch
+cuda_available = torch.cuda.is_available
+if GPU:
+    torch.cuda.is_available = lambda: True          # a GPU runtime, as the setup cell sees it
 commands = []
 
 class Shell:
@@ -196,11 +207,20 @@ class Shell:
 
 import json
 cells = [c for c in json.loads((SOURCE / "notebooks" / NOTEBOOK).read_text())["cells"] if c["cell_type"] == "code"]
-source = lambda i: TransformerManager().transform_cell("".join(cells[i]["source"]))
+text = lambda i: "".join(cells[i]["source"])
+source = lambda i: TransformerManager().transform_cell(text(i))
+
+def cell(starts):
+    """The source of the one code cell that starts with ``starts`` (as the tests' code_cell)."""
+    found = [i for i in range(len(cells)) if text(i).lstrip().startswith(starts)]
+    assert len(found) == 1, f"{NOTEBOOK}: {len(found)} code cells start with {starts!r}"
+    return source(found[0])
+
 namespace = {"get_ipython": Shell}
 setup = source(0)
 assert "# Colab only" in setup
 exec(setup.replace("/content/vlmcourse", str(CONTENT / "vlmcourse")), namespace)
+torch.cuda.is_available = cuda_available           # the cells after it run here, on the CPU (profile.device)
 import vlmcourse
 assert Path(vlmcourse.__file__).is_relative_to(CONTENT), vlmcourse.__file__
 print("commands:", commands)
@@ -208,39 +228,119 @@ print("profile env:", os.environ["VLMCOURSE_PROFILE"])
 sys.path.insert(0, str(CONTENT / "vlmcourse" / "tests"))
 import hub_fakes
 hub_fakes.SHARED = SOURCE.parent / "shared" / "flickr8k-subset"   # the Hub's stand-in
-fakes = hub_fakes.install_globally()
+fakes = hub_fakes.install_globally(limit=HUB_ROWS)
 from vlmcourse import data
-data.HUB_SUBSET_SIZES = {"train": 8, "dev": 2, "test": 2}            # the rule, at a small size
+data.HUB_SUBSET_SIZES = {"train": 8, "dev": 2, "test": 4}            # the rule, at a small size
+'''
+
+NOTEBOOK01_CELLS = r'''
 for i in range(1, len(cells)):
-    text = "".join(cells[i]["source"])
     exec(source(i), namespace)
-    if "load_flickr8k(" in text:
+    if "load_flickr8k(" in text(i):
         break
 ds = namespace["dataset"]
 print("dataset:", type(ds).__name__, len(ds), ds.root)
 print("caption:", ds.captions[2][0])
 '''
 
+# Notebook 06: its imports cell; then what sections 1-6 leave for section 7 (model, test_ds, test_ids, picks), built
+# cheaply: the notebook's own data path (split_features under the profile the setup cell chose), its own lines for
+# test_ds, test_ids and picks, and, in place of the long runs of notebooks 05 and 06, a mean-pool + LoRA captioner
+# trained 10 steps at a high learning rate (enough for the hub fakes' random LLM to write words, not only newlines,
+# which caption() strips to ""); then section 7's save-and-caption cell as it is, vlmcourse.caption watched, not replaced.
+NOTEBOOK06_CELLS = r"""
+import contextlib, io
+imports = source(1)
+assert "import vlmcourse" in imports and "split_features" in imports, imports
+exec(imports, namespace)
+exec('''
+vision, llm = load_vision_encoder(profile), load_llm(profile)
+data = {split: split_features(profile, split, vision) for split in ("train", "test")}
+quick = ablation_recipe("meanpool", lora=True)
+quick = replace(quick, stage2=replace(quick.stage2, steps=10, lr=3e-2, warmup_steps=0))
+model, _ = load_or_train_captioner(profile, quick, llm=llm, eval_split=None)
+''', namespace)
+lines = [line for i in range(len(cells)) for line in text(i).splitlines()]
+for starts in ("test_ds, test_ids = ", "picks = "):
+    found = [line for line in lines if line.startswith(starts)]
+    assert len(found) == 1, (starts, found)
+    exec(found[0], namespace)
 
-@pytest.mark.parametrize("gpu", [False, True], ids=["no GPU: cpu profile, subset", "GPU: hub profile"])
-def test_fresh_clone_as_colab_gets_through_notebook01_data_cells(no_local_data, gpu):
-    driver = no_local_data / "colab_driver.py"
-    prelude = "import torch\ntorch.cuda.is_available = lambda: True\n" if gpu else ""
-    driver.write_text(prelude + COLAB_DRIVER)
-    content = no_local_data / "content"
+calls = []
+def watched(images, model_dir, *args, _real=vlmcourse.caption, **kwargs):
+    captions = _real(images, model_dir, *args, **kwargs)
+    calls.append({"images": [str(i) for i in images], "model_dir": str(model_dir), "captions": captions,
+                  "from": sys.modules[_real.__module__].__file__})
+    return captions
+vlmcourse.caption = watched
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    exec(cell('out = tempfile.mkdtemp(prefix="captioner-")'), namespace)
+del vlmcourse.caption
+print(printed.getvalue(), end="")
+test_ds, out = namespace["test_ds"], Path(namespace["out"])
+print("RESULT", json.dumps({
+    "profile": namespace["profile"].name, "dataset": type(test_ds).__name__, "photos": len(test_ds),
+    "printed": printed.getvalue(), "paths": [str(p) for p in namespace["paths"]], "calls": calls,
+    "out": str(out), "files": sorted(p.name for p in out.iterdir()),
+    "config": json.loads((out / "config.json").read_text()), "fakes": fakes.calls}))
+"""
+
+
+def run_as_colab(workdir: Path, notebook: str, stage: str, gpu: bool, hub_rows: int = 0) -> str:
+    """COLAB_DRIVER, then ``stage``, on ``notebook`` in a subprocess (cwd ``workdir/content``); its stdout, after
+    checking that the setup cell cloned, ran setup.sh and chose the profile a runtime with(out) a GPU gets."""
+    driver = workdir / "colab_driver.py"
+    driver.write_text(COLAB_DRIVER + stage)
+    content = workdir / "content"
     content.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("VLMCOURSE_PROFILE", "VLMCOURSE_DATA", "PYTHONPATH")}
-    env.update(MPLBACKEND="Agg", VLMCOURSE_CACHE=str(no_local_data / "cache"))
-    run = subprocess.run([sys.executable, str(driver), str(PROJECT), str(content), "01_vit_patches.ipynb"],
+    env.update(MPLBACKEND="Agg", VLMCOURSE_CACHE=str(workdir / "cache"))
+    run = subprocess.run([sys.executable, str(driver), str(PROJECT), str(content), notebook,
+                          "gpu" if gpu else "cpu", str(hub_rows)],
                          cwd=content, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     assert "git clone -q --depth 1 https://github.com/vlmcourse/vlmcourse" in out and "scripts/setup.sh" in out
-    if gpu:
-        assert "profile env: hub" in out and "dataset: HubFlickr8k 646 jxie/flickr8k" in out
-    else:
-        assert "profile env: cpu" in out and "dataset: Flickr8k 8 " in out and "jxie--flickr8k-subset" in out
     assert "vlmcourse profile:" in out and "to change" in out
+    assert f"profile env: {'hub' if gpu else 'cpu'}" in out
+    return out
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["no GPU: cpu profile, subset", "GPU: hub profile"])
+def test_fresh_clone_as_colab_gets_through_notebook01_data_cells(no_local_data, gpu):
+    out = run_as_colab(no_local_data, "01_vit_patches.ipynb", NOTEBOOK01_CELLS, gpu)
+    if gpu:
+        assert "dataset: HubFlickr8k 646 jxie/flickr8k" in out
+    else:
+        assert "dataset: Flickr8k 8 " in out and "jxie--flickr8k-subset" in out
+
+
+def test_fresh_clone_as_colab_on_a_gpu_saves_and_captions_in_notebook06(no_local_data):
+    """A GPU runtime (hub profile, HubFlickr8k: its photos have no files until image_file writes them to the cache).
+    The cpu profile's data path is 01's test's; its SmolLM2-135M would take over 2 minutes here (30 tokens a photo)."""
+    stdout = run_as_colab(no_local_data, "06_lora_captioning.ipynb", NOTEBOOK06_CELLS, gpu=True, hub_rows=8)
+    result = json.loads(stdout.split("RESULT ", 1)[1])
+    cache, content = no_local_data / "cache", no_local_data / "content"
+    # the data: notebook 06's own path, the profile the setup cell chose on the faked Hub, and that profile's parts
+    assert (result["profile"], result["dataset"], result["photos"]) == ("hub", "HubFlickr8k", 8)
+    assert {("CLIPVisionModel", hub_fakes.CLIP_ID), ("AutoModelForCausalLM", hub_fakes.LLM_ID)} <= {
+        tuple(c) for c in result["fakes"]}
+    # the folder the cell saved, and the one call that captioned its three photo files from it (the clone's code)
+    assert {"model.safetensors", "config.json", "adapter_model.safetensors"} <= set(result["files"])
+    assert result["config"]["profile"] == result["profile"] and result["config"]["lora"]
+    [call] = result["calls"]
+    assert call["images"] == result["paths"] and call["model_dir"] == result["out"]
+    assert Path(call["from"]).is_relative_to(content / "vlmcourse")
+    paths = [Path(p) for p in result["paths"]]
+    assert len(paths) == 3 and len(set(paths)) == 3
+    for path in paths:      # photo files written under the cache, not read from a local data folder
+        assert path.is_file() and path.suffix == ".jpg" and path.name.startswith("test_")
+        assert path.is_relative_to(cache / "data") and not path.is_relative_to(content)
+    # the cell printed one line per photo: its file name, a tab, its caption
+    captions = call["captions"]
+    assert len(captions) == 3 and all(isinstance(c, str) and c.strip() for c in captions), captions
+    assert result["printed"] == "".join(f"{p.name}\t{c}\n" for p, c in zip(paths, captions))
 
 
 # ------------------------------------------------------------------ the repository written in one place
