@@ -3,10 +3,10 @@
 Both runs train notebook 04's ``Stage1Recipe`` (the ablation keeps everything but the losses: same steps, batches
 and initialisation for a seed), with the dev split's Recall@5 every 40 steps as the notebook trains it. Recorded per
 run: the per-step losses, the dev evaluations, and on the 76 test photos the Recall@1/5/10 both ways and how the ITC
-score uses the queries (``stage1.query_use``). A run already in the model cache (notebook 04 trains the full recipe,
-seed 0) is read back with the history and training time saved with it. Notebook 04 trains the full recipe itself (seed 0) and reads the
-ITC-only runs and the full recipe's second seed from here, so that the comparison rests on two seeds a side without
-training three more models inside the notebook's budget:
+score uses the queries (``stage1.query_use``). A run already in the model cache is read back with the history and
+training time saved with it. Notebook 04 trains the full recipe itself (seed 0) and reads the ITC-only runs and the
+full recipe's second seed from here, so that the comparison rests on two seeds a side without training three more
+models inside the notebook's budget:
 
     VLMCOURSE_BF16=0 python benchmarks/stage1_ablation.py --runs "ITC only" --seeds 0 1 \
         --save-curve vlmcourse/recorded/stage1_ablation.json
@@ -23,10 +23,11 @@ import torch
 
 from vlmcourse import get_profile
 from vlmcourse.features import captions_for, split_features
-from vlmcourse.metrics import caption_image_index
+from vlmcourse.losses import itc_similarity
+from vlmcourse.metrics import caption_image_index, recall_at_k
 from vlmcourse.pipeline import load_or_train_stage1
 from vlmcourse.recipes import Stage1Recipe
-from vlmcourse.stage1 import itc_features, query_use, retrieval
+from vlmcourse.stage1 import itc_features, query_use
 from sweep import save_record
 
 RUNS = {"ITC + ITM + ITG": Stage1Recipe(),
@@ -50,9 +51,10 @@ def main():
         for seed in args.seeds:
             recipe = replace(RUNS[name], seed=seed)
             model, result = load_or_train_stage1(profile, recipe)   # a run notebook 04 trained is read back
-            with torch.no_grad():
-                recall = retrieval(model, feats.features, captions)
-                queries = query_use(*itc_features(model, feats.features, captions), owner)
+            with torch.no_grad():       # the split's ITC features once, for Recall@K (as stage1.retrieval) and query use
+                image_q, text_f = itc_features(model, feats.features, captions)
+                recall = recall_at_k(itc_similarity(image_q, text_f), owner)
+                queries = query_use(image_q, text_f, owner)
             final = {"losses": list(recipe.model.losses), "seed": seed, "split": "test", "photos": len(captions),
                      "recall": {d: {str(k): v for k, v in r.items()} for d, r in recall.items()},
                      "queries": queries, "train_seconds": round(result.seconds, 1), "history": result.history}
