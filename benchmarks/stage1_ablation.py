@@ -51,7 +51,7 @@ def main():
         for seed in args.seeds:
             recipe = replace(RUNS[name], seed=seed)
             model, result = load_or_train_stage1(profile, recipe)   # a run notebook 04 trained is read back
-            with torch.no_grad():       # the split's ITC features once, for Recall@K (as stage1.retrieval) and query use
+            with torch.no_grad():       # the ITC features once: Recall@K (as stage1.retrieval) and query use
                 image_q, text_f = itc_features(model, feats.features, captions)
                 recall = recall_at_k(itc_similarity(image_q, text_f), owner)
                 queries = query_use(image_q, text_f, owner)
